@@ -683,6 +683,10 @@ def write_adapter(state, folder, format="peft", base_model=""):
 def read_adapter(path):
     """Read an adapter folder or file in either public format (or a hub id) -> ({module: (A, B, scale)}, info)."""
     path = resolve_path(path, what="adapter", allow_patterns=["*.safetensors", "*.json"])
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):  # a run's folder: its newest checkpoint
+        path = latest_checkpoint(path) or path
+    if os.path.isdir(os.path.join(path, "adapter")):  # a checkpoint folder: its adapter
+        path = os.path.join(path, "adapter")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     files = [path] if os.path.isfile(path) else \
         [os.path.join(folder, f) for f in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors") if os.path.isfile(os.path.join(folder, f))]
@@ -721,6 +725,42 @@ def read_adapter(path):
         state[module] = (ab["A"].float(), ab["B"].float(), float(scale))
     info = {"base_model": config.get("base_model_name_or_path", header.get("base_model", "")), "file": file}
     return state, info
+
+
+def merge_adapters(states, weights, rank=0, naive=False):
+    """Combine K adapters into one (METHOD 4, merge). The default is exact: dW = sum_k w_k s_k B_k A_k is
+    the rank-(sum r_k) adapter B = [w_1 s_1 B_1, ..., w_K s_K B_K], A = [A_1; ...; A_K] (scale 1).
+    rank > 0: the best rank-r approximation of that dW per layer (truncated SVD, Eckart-Young).
+    naive: the reference code's average of A and B separately (scale of the first), for comparison only.
+    Returns (merged state, {module: relative Frobenius error of the merged dW against the exact one})."""
+    keys = set(states[0])
+    for k, s in enumerate(states[1:], 1):
+        if set(s) != keys:
+            diff = sorted(keys.symmetric_difference(s))
+            raise UserError(f"adapters 0 and {k} target different layers (first difference: {diff[0]})")
+        for m in keys:
+            if s[m][0].shape[1] != states[0][m][0].shape[1] or s[m][1].shape[0] != states[0][m][1].shape[0]:
+                raise UserError(f"adapters 0 and {k} differ in the shape of {m} (adapters of different base models?)")
+    merged, errors = {}, {}
+    for m in sorted(keys):
+        exact = sum(w * s[m][2] * s[m][1].double() @ s[m][0].double() for w, s in zip(weights, states))
+        if naive:
+            if len({s[m][0].shape[0] for s in states}) != 1:
+                raise UserError(f"naive merge needs equal ranks; {m} differs")
+            A = sum(w * s[m][0].double() for w, s in zip(weights, states)) / sum(weights)
+            B = sum(w * s[m][1].double() for w, s in zip(weights, states))
+            merged[m] = (A.float(), B.float(), states[0][m][2])
+        elif rank:
+            U, S, Vh = torch.linalg.svd(exact, full_matrices=False)
+            r = min(rank, len(S))
+            merged[m] = ((Vh[:r]).float(), (U[:, :r] * S[:r]).float(), 1.0)
+        else:
+            A = torch.cat([s[m][0].double() for s in states])
+            B = torch.cat([w * s[m][2] * s[m][1].double() for w, s in zip(weights, states)], dim=1)
+            merged[m] = (A.float(), B.float(), 1.0)
+        A, B, sc = merged[m]
+        errors[m] = ((sc * B.double() @ A.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+    return merged, errors
 
 
 def load_adapter(model, name, path, trainable=False):
@@ -925,17 +965,19 @@ def tiny_tokenizers(words=(), clip_length=77):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    specials = {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
     merges = []
-    for w in sorted(set(words)):
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+    for w in sorted(set(words), key=lambda w: (len(w), w)):
+        # BPE applies the lowest-ranked merge first, so earlier merges may split the word differently
+        # than letter by letter: tokenize it with the merges so far, then join those pieces left to right.
+        tok = CLIPTokenizer(vocab={**vocab, **{k: len(vocab) + i for i, k in enumerate(specials)}}, merges=merges)
+        pieces = tok.tokenize(w)
         cur = pieces[0]
         for s in pieces[1:]:
-            if (cur, s) not in merges:
-                merges.append((cur, s))
+            merges.append((cur, s))
             vocab.setdefault(cur + s, len(vocab))
             cur = cur + s
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab.update({k: len(vocab) + i for i, k in enumerate(specials)})
     clip = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=clip_length)
     t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + \
                [(c, -5.0) for c in string.printable if not c.isspace()] + [("\u2581" + w, -1.0) for w in sorted(set(words))]
@@ -945,7 +987,7 @@ def tiny_tokenizers(words=(), clip_length=77):
 
 def build_tiny_pipeline(folder, *, num_layers=2, heads=2, head_dim=8, dual_attention_layers=(0,), qk_norm="rms_norm",
                         sample_size=8, patch_size=2, latent_channels=4, codec="vae", pixel_factor=2, words=(),
-                        clip_length=77, clip_dims=(16, 24), joint_dim=48, seed=0, shard_size=None):
+                        clip_length=77, clip_dims=(16, 24), joint_dim=48, seed=0, shard_size=None, pixel_scaling=1.0, pixel_shift=0.0):
     """Random components of the official classes, written in diffusers' layout so tests (and the toy world)
     load them back through load_pipeline, and diffusers' StableDiffusion3Pipeline can load them too."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -982,7 +1024,7 @@ def build_tiny_pipeline(folder, *, num_layers=2, heads=2, head_dim=8, dual_atten
         vae.save_pretrained(os.path.join(folder, "vae"))
     else:
         os.makedirs(os.path.join(folder, "vae"), exist_ok=True)
-        json.dump(PixelCodec(pixel_factor).config(), open(os.path.join(folder, "vae", "config.json"), "w"), indent=2)
+        json.dump(PixelCodec(pixel_factor, pixel_scaling, pixel_shift).config(), open(os.path.join(folder, "vae", "config.json"), "w"), indent=2)
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
              "transformer": ["diffusers", "SD3Transformer2DModel"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -1154,6 +1196,24 @@ def group_advantages(rewards, group_ids, global_std=True, clip=5.0, eps=1e-4):
     std = rewards.std(unbiased=False) if global_std else group_std[inv]
     adv = ((rewards - mean[inv]) / (std + eps)).clamp(-clip, clip)
     return adv.float(), (group_std == 0).double().mean().item()
+
+
+def sample_timesteps(n, generator, density="logit_normal", mean=0.0, std=1.0, shift=1.0, device="cpu"):
+    """Noise levels for flow-matching training: SD3's logit-normal density (s = sigmoid(N(mean, std)))
+    or uniform; shift != 1 maps them through the sampling schedule's shift s -> shift s / (1 + (shift-1) s)."""
+    if density == "logit_normal":
+        s = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    elif density == "uniform":
+        s = torch.rand(n, generator=generator)
+    else:
+        raise UserError(f"timestep_density must be logit_normal or uniform, got {density!r}")
+    return (shift * s / (1 + (shift - 1) * s)).to(device)
+
+
+def flow_matching_loss(velocity, latents, noise, sigma):
+    """METHOD 1: E || v_theta(x_s, s, c) - (e - x0) ||^2 with x_s = (1 - s) x0 + s e (the caller built x_s
+    from the same latents, noise and sigma); mean over elements and the batch."""
+    return ((_f32(velocity) - (noise - latents).float()) ** 2).mean()
 
 
 def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):

@@ -1,0 +1,241 @@
+"""
+Stage 1 of Flow-OPD: a single-reward Flow-GRPO teacher (../shared/docs/METHOD.md section 3).
+
+Per iteration: sample groups of images per prompt with the SDE sampler (keeping every step's latents
+and log-probs), score them with ONE reward, turn rewards into per-prompt advantages, then train the LoRA
+on every kept step with the clipped ratio objective plus a KL penalty to the base model.
+
+  python train_teacher.py                                   # toy world: the composition teacher, CPU, minutes
+  python train_teacher.py --reward=toy_text --prompts=toy/prompts/text_train.txt --out_dir=runs/toy/teacher_text
+  torchrun --nproc_per_node=8 train_teacher.py --preset=sd35_geneval
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_teacher.py --preset=sd35_ocr
+"""
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import rewards
+
+# -- config: the official SD3.5-M recipe (REWARDS.md 7.2); the default preset "toy" shrinks it to a CPU ----
+preset = "toy"
+model = "stabilityai/stable-diffusion-3.5-medium"
+prompts = "data/geneval_train.jsonl"   # .txt (one prompt per line) or GenEval-style .jsonl (metadata -> reward)
+reward = "geneval"
+reward_kwargs = {}
+out_dir = "runs/teacher"
+resolution = 512
+num_steps = 10                # T: SDE rollout steps (the last one is the deterministic ODE step)
+noise_level = 0.7             # a in std(s) = a sqrt(s / (1 - s))
+guidance = 4.5
+t5_length = 128
+group_size = 24               # G images per prompt (16 in the reference's 8-GPU configs)
+groups_per_iter = 48          # prompts per iteration, over all ranks
+batch_size = 9                # images per rank per forward: the sampling batch is the training batch
+optimizer_steps_per_iter = 2  # the reference accumulates half an iteration's batches per step
+timestep_fraction = 0.99      # train on int(T * fraction) steps: 9 of 10
+lr = 3e-4
+weight_decay = 1e-4
+clip_range = 1e-4
+adv_clip = 5.0
+kl_beta = 0.04                # 0.01 for PickScore
+kl_convention = "reference"   # reference: the published betas' convention (|dt| KL); exact: the true KL
+global_std = True
+grad_clip = 1.0
+lora_rank = 32
+lora_alpha = 64.0
+lora_targets = list(M.DEFAULT_LORA_TARGETS)
+init_adapter = ""             # start from an existing adapter (peft or diffusers format)
+ema = True
+ema_decay = 0.9
+ema_every = 8
+iterations = 1000
+save_every = 20
+keep = 3
+grid_every = 20
+seed = 0
+dtype = "bfloat16"
+device = ""
+resume = False
+gradient_checkpointing = False
+
+PRESETS = {
+    "toy": dict(model="toy/base", prompts="toy/prompts/composition_train.jsonl", reward="toy_composition",
+                out_dir="runs/toy/teacher_composition", resolution=32, t5_length=12, group_size=8, groups_per_iter=8,
+                batch_size=64, optimizer_steps_per_iter=1, timestep_fraction=0.5, lr=1e-3, lora_rank=8, lora_alpha=8.0,
+                kl_beta=0.02, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
+    "sd35_geneval": dict(prompts="data/geneval_train.jsonl", reward="geneval", out_dir="runs/teacher_geneval"),
+    "sd35_ocr": dict(prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_ocr"),
+    "sd35_pickscore": dict(prompts="data/pickscore_train.txt", reward="pickscore", out_dir="runs/teacher_pickscore", kl_beta=0.01),
+}
+config = M.configure(globals(), PRESETS)
+
+# -- setup: processes, data, reward, model ------------------------------------------------------------------
+dist = M.setup_distributed(device or None)
+samples_per_iter = group_size * groups_per_iter
+if samples_per_iter % (dist.world * batch_size):
+    raise M.UserError(f"{groups_per_iter} groups x {group_size} images = {samples_per_iter} per iteration is not a multiple of "
+                      f"{dist.world} ranks x batch_size {batch_size}; change batch_size or groups_per_iter")
+num_batches = samples_per_iter // (dist.world * batch_size)  # sampling (= training) batches per rank and iteration
+if num_batches % optimizer_steps_per_iter:
+    raise M.UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
+try:
+    prompt_list, metadata_list = rewards.load_prompts(prompts)
+    reward_fn = rewards.get_reward(reward, device=dist.device, **reward_kwargs)
+except (ValueError, OSError) as e:
+    raise M.UserError(str(e)) from None
+torch_dtype = getattr(torch, dtype)
+M.seed_everything(seed)
+pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
+transformer = pipe.transformer
+latent_shape = pipe.latent_shape(resolution)
+sigmas = M.sigma_schedule(num_steps, pipe.shift).to(dist.device)
+trained_steps = list(range(min(num_steps - 1, int(num_steps * timestep_fraction))))  # SDE steps only
+
+# the policy: one LoRA named "policy"; with it switched off the same network is the KL reference
+start_iter, state = 0, None
+ckpt = M.latest_checkpoint(out_dir) if resume else None
+if ckpt:
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    start_iter = state["iteration"]
+    M.load_adapter(transformer, "policy", os.path.join(ckpt, "adapter"), trainable=True)
+elif init_adapter:
+    M.load_adapter(transformer, "policy", init_adapter, trainable=True)
+else:
+    M.add_adapter(transformer, "policy", lora_rank, lora_alpha, lora_targets, seed=seed)
+transformer.gradient_checkpointing = gradient_checkpointing
+if dist.world > 1:
+    M.shard_transformer(transformer, torch_dtype)  # replaces the parameters: collect them afterwards
+named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+params = list(named.values())
+optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+ema_weights = M.EMA(named.items(), ema_decay, ema_every) if ema else None
+if state is not None:
+    M.load_optimizer_state(transformer, optimizer, state["optimizer"])
+    if ema_weights is not None:
+        ema_weights.load_state_dict(state["ema"])
+skipped = state["skipped"] if state else 0
+optimizer_step = state["optimizer_step"] if state else 0
+negative = pipe.text.encode([""])
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt))
+reward_thread = ThreadPoolExecutor(1)  # scores batch b while batch b + 1 samples
+
+
+def save(iteration):
+    adapter = M.adapter_state(transformer, "policy")  # collective under FSDP: every rank joins
+    ema_adapter = None
+    if ema_weights is not None:
+        with ema_weights.swapped():
+            ema_adapter = M.adapter_state(transformer, "policy")
+    opt_state = M.optimizer_state(transformer, optimizer)
+    ema_state = ema_weights.state_dict() if ema_weights is not None else None
+    if dist.master:
+        def write(folder):
+            M.write_adapter(adapter, os.path.join(folder, "adapter"), "peft", base_model=model)
+            if ema_adapter is not None:
+                M.write_adapter(ema_adapter, os.path.join(folder, "ema"), "peft", base_model=model)
+            torch.save({"iteration": iteration, "optimizer": opt_state, "ema": ema_state, "skipped": skipped,
+                        "optimizer_step": optimizer_step, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
+            json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
+        M.save_checkpoint(out_dir, iteration, write, keep)
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=not dist.master, initial=start_iter, total=iterations):
+    times = {}
+    t0 = time.time()
+    # 1. rollouts (METHOD 3.1): the iteration's prompts, each repeated G times; this rank takes its slices
+    groups = [i for _, i in M.draw_groups([len(prompt_list)], [1.0], groups_per_iter, seed, iteration)]
+    order = [g for g in groups for _ in range(group_size)]  # global sample index -> prompt index
+    batches, futures = [], []
+    transformer.eval()
+    with transformer.adapter("policy"):
+        for b in range(num_batches):
+            first = (b * dist.world + dist.rank) * batch_size
+            index = list(range(first, first + batch_size))  # global sample indices of this batch
+            batch_prompts = [prompt_list[order[i]] for i in index]
+            embeds, pooled = pipe.text.encode(batch_prompts)
+            neg = (negative[0].expand(len(index), -1, -1), negative[1].expand(len(index), -1))
+            roll = M.rollout(transformer, embeds, pooled, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
+                             num_steps, pipe.shift, guidance, noise_level)
+            images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
+            futures.append(reward_thread.submit(reward_fn, images, batch_prompts, [metadata_list[order[i]] for i in index]))
+            batches.append(dict(index=index, prompts=batch_prompts, cond=(embeds, pooled), neg=neg, roll=roll, images=images))
+    times["sampling"] = time.time() - t0
+    t1 = time.time()
+    # 2. rewards -> advantages (METHOD 3.3): gathered over ranks, grouped by prompt, clipped
+    finite = True
+    try:
+        local = torch.stack([f.result()[0] for f in futures]).to(dist.device)  # (num_batches, batch_size)
+    except FloatingPointError as e:  # NaN/inf from the reward model: skip the whole iteration on every rank
+        local, finite = torch.full((num_batches, batch_size), float("nan"), device=dist.device), False
+        print(f"warning: iteration {iteration}: {e}")
+    gathered = M.all_gather(local[None]).cpu()  # (world, num_batches, batch_size)
+    times["reward"] = time.time() - t1
+    if not torch.isfinite(gathered).all():
+        skipped += 1
+        if dist.master:
+            print(f"warning: non-finite rewards in iteration {iteration}; skipped it ({skipped} so far), no update")
+        log.write({"iteration": iteration + 1, "skipped": skipped})
+        continue
+    all_rewards = gathered.permute(1, 0, 2).reshape(-1)  # back in global sample order
+    advantages, zero_std = M.group_advantages(all_rewards, order, global_std, adv_clip)
+    advantages = advantages.view(num_batches, dist.world, batch_size)[:, dist.rank].to(dist.device)
+    # 3. training (METHOD 3.4): recompute each kept step's log-prob on the same batches
+    t2 = time.time()
+    transformer.train()
+    stats, per_step = [], len(trained_steps) * (num_batches // optimizer_steps_per_iter)
+    with transformer.adapter("policy"):
+        for b, batch in enumerate(batches):
+            roll = batch["roll"]
+            for j in trained_steps:
+                x, x_next = roll.latents[:, j], roll.latents[:, j + 1]
+                mean, step_std, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
+                                                        batch["cond"], batch["neg"], guidance)
+                log_prob = M.gaussian_log_prob(x_next, mean, step_std)
+                with torch.no_grad(), transformer.adapter(None):  # the reference: the base, adapter off
+                    ref_mean, _, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
+                                                         batch["cond"], batch["neg"], guidance)
+                policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[:, j], advantages[b], clip_range)
+                kl = M.transition_kl(mean, ref_mean, step_std, sigmas[j + 1] - sigmas[j], kl_convention).mean()
+                ((policy_loss + kl_beta * kl) / per_step).backward()
+                stats.append({**s, "policy_loss": policy_loss.detach(), "kl": kl.detach()})
+            if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
+                grad_norm = M.clip_grad_norm(params, grad_clip)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    optimizer_step += 1
+                    if ema_weights is not None:
+                        ema_weights.update(optimizer_step - 1)
+                else:
+                    skipped += 1
+                    print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
+                optimizer.zero_grad(set_to_none=True)
+    times["training"] = time.time() - t2
+    # 4. log, checkpoint, grid
+    mean_stat = {k: M.all_reduce_mean(torch.stack([s[k] for s in stats]).mean()).item() for k in stats[0]}
+    record = {"iteration": iteration + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+              "reward_min": all_rewards.min().item(), "reward_max": all_rewards.max().item(), "zero_std_groups": zero_std,
+              "first_ratio_mean": stats[0]["ratio_mean"].item(), "first_ratio_max": stats[0]["ratio_max"].item(),
+              **mean_stat, "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped, "optimizer_step": optimizer_step,
+              "images_per_s": samples_per_iter / (time.time() - t0), **{f"seconds_{k}": v for k, v in times.items()}}
+    log.write(record)
+    if dist.master:
+        tqdm.write(f"iter {iteration + 1}: reward {record['reward_mean']:.3f} kl {record['kl']:.2e} clipfrac "
+                   f"{record['clipfrac']:.2f} ratio[0] {record['first_ratio_mean']:.6f} {record['images_per_s']:.1f} img/s")
+    if (iteration + 1) % save_every == 0 or iteration + 1 == iterations:
+        save(iteration + 1)
+    if dist.master and ((iteration + 1) % grid_every == 0 or iteration + 1 == iterations):
+        shown = list(range(0, batch_size, max(1, batch_size // 16)))[:16]
+        scores = local[0].tolist()
+        M.save_grid(batches[0]["images"][shown], [f"{batches[0]['prompts'][i]} | r={scores[i]:.2f}" for i in shown],
+                    os.path.join(out_dir, f"grid_{iteration + 1:06d}.png"))
+reward_thread.shutdown()
+if dist.master:
+    print(f"done: {out_dir}/latest -> {M.latest_checkpoint(out_dir)}")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
