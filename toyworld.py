@@ -765,9 +765,54 @@ def grid(images, captions=None, cols=8, scale=4):
     return sheet
 
 
-if __name__ == "__main__":
-    # python toyworld.py [out.png]: a grid of clean and imperfect samples per task, and their scores.
+# -----------------------------------------------------------------------------
+# Building the toy world's files: prompt sets and the base model
+
+BASE_IMPERFECTION = {k: v / 2 for k, v in DEFAULT_IMPERFECTION.items()}  # the committed base model's data
+BASE_PIPELINE = dict(num_layers=6, heads=4, head_dim=32, dual_attention_layers=(0, 1), qk_norm="rms_norm", sample_size=16,
+                     patch_size=2, codec="pixel", pixel_factor=2, clip_length=16, clip_dims=(32, 48), joint_dim=64, seed=0,
+                     pixel_scaling=2.25, pixel_shift=0.7)  # shift/scaling: mean 0.70, std 0.44 of the pixels in [-1, 1]
+
+
+def write_prompt_files(folder="toy/prompts"):
+    """The toy tasks' prompt files. Train: 2000 draws, tag-balanced like GenEval's training mix. Test: every
+    held-out composition and quality prompt, and 256 held-out strings."""
+    for task, ext in (("composition", "jsonl"), ("text", "txt"), ("quality", "txt")):
+        make_prompt_file(task, 2000, 0, os.path.join(folder, f"{task}_train.{ext}"), split="train")
+        metas = prompt_list(task, "test")
+        if task == "text":
+            metas = [metas[i] for i in sorted(np.random.default_rng(0).choice(len(metas), 256, replace=False))]
+        with open(os.path.join(folder, f"{task}_test.{ext}"), "w") as f:
+            f.writelines((json.dumps(m) if task == "composition" else m["prompt"]) + "\n" for m in metas)
+
+
+def build_base(out="toy/base", work="runs/toy", n_images=100000):
+    """The toy base model, from scratch: render the pre-training set, build the random pipeline skeleton
+    (tiny text encoders, pixel codec), pre-train its transformer with cold_start.py, copy the result."""
+    import shutil
+    import subprocess
     import sys
+    import model
+    make_pretraining_set(os.path.join(work, "pretrain_data"), n_images, seed=0, imperfection=BASE_IMPERFECTION)
+    model.build_tiny_pipeline(os.path.join(work, "skeleton"), words=VOCAB_WORDS, **BASE_PIPELINE)
+    subprocess.run([sys.executable, "cold_start.py", "--preset=toy_pretrain"], check=True)
+    final = model.latest_checkpoint(os.path.join(work, "pretrain"))
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(os.path.join(final, "pipeline"), out)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    # python toyworld.py samples [out.png] | prompts [folder] | base
+    import sys
+    command = sys.argv[1] if len(sys.argv) > 1 else "samples"
+    if command == "prompts":
+        write_prompt_files(*sys.argv[2:3])
+        raise SystemExit(0)
+    if command == "base":
+        build_base()
+        raise SystemExit(0)
+    # samples: a grid of clean and imperfect samples per task, and their scores.
     rows_images, rows_captions = [], []
     for task in TASKS:
         for imperfection in (None, DEFAULT_IMPERFECTION):
@@ -780,7 +825,7 @@ if __name__ == "__main__":
             print(f"{task:12s} {kind:9s} dense {dense.mean():.3f} strict {strict.mean():.3f}")
             rows_images.append(images)
             rows_captions += [f"{p} [{d:.2f}/{s:.0f}]" for p, d, s in zip(prompts, dense, strict)]
-    out = sys.argv[1] if len(sys.argv) > 1 else "out/toyworld_samples.png"
+    out = sys.argv[2] if len(sys.argv) > 2 else "out/toyworld_samples.png"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(np.concatenate(rows_images), rows_captions, cols=8).save(out)
     print("wrote", out)
