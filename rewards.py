@@ -113,8 +113,16 @@ def register_reward(name):
 
 
 def get_reward(name, **kwargs):
+    """A registered reward by name, or your own Reward subclass as "package.module:ClassName"."""
+    if ":" in name:
+        import importlib
+        module, _, cls = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), cls)(**kwargs)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"reward {name!r}: cannot import {cls} from {module} ({err})") from None
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, or module:Class")
     return REWARDS[name](**kwargs)
 
 
