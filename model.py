@@ -1130,6 +1130,7 @@ class Rollout:
     log_probs: torch.Tensor  # (B, T) log-prob of each stored transition under the sampling policy (0 where ODE)
     sigmas: torch.Tensor     # (T + 1,) noise levels; step j goes from sigmas[j] to sigmas[j + 1]
     sde_steps: int           # steps 0 .. sde_steps - 1 were stochastic (the last step is always the ODE step)
+    means: torch.Tensor = None  # (B, T, C, H, W) the sampling policy's transition means (keep=True)
 
 
 @torch.no_grad()
@@ -1140,20 +1141,23 @@ def rollout(transformer, embeds, pooled, neg_embeds, neg_pooled, latent_shape, s
     device = embeds.device
     sigmas = sigma_schedule(num_steps, shift).to(device)
     x, gens = sample_noise(latent_shape, seeds, device)
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     sde_steps = num_steps - 1 if sde and noise_level > 0 else 0
     for j in range(num_steps):
         v = predict_velocity(transformer, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance)
         if j < sde_steps:
             noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in gens])
-            x, lp, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)
+            x, lp, mean, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)
         else:
-            x, lp = ode_step(x, v, sigmas[j], sigmas[j + 1]), torch.zeros(len(x), device=device)
+            x = mean = ode_step(x, v, sigmas[j], sigmas[j + 1])
+            lp = torch.zeros(len(x), device=device)
         log_probs.append(lp)
         if keep:
             latents.append(x)
-    stacked = torch.stack(latents, 1) if keep else x[:, None]
-    return Rollout(stacked, torch.stack(log_probs, 1), sigmas, sde_steps)
+            means.append(mean)
+    if not keep:
+        return Rollout(x[:, None], torch.stack(log_probs, 1), sigmas, sde_steps)
+    return Rollout(torch.stack(latents, 1), torch.stack(log_probs, 1), sigmas, sde_steps, torch.stack(means, 1))
 
 
 def step_distribution(transformer, latents, sigma, sigma_next, sigma_max, noise_level, cond, neg, guidance):
@@ -1163,6 +1167,27 @@ def step_distribution(transformer, latents, sigma, sigma_next, sigma_max, noise_
     mean = sde_mean(latents, v, sigma, sigma_next, std)
     dt = torch.as_tensor(sigma, device=latents.device) - torch.as_tensor(sigma_next, device=latents.device)
     return mean, std * torch.sqrt(dt), v
+
+
+def routed_mean(transformer, adapters, alpha, latents, sigma, sigma_next, sigma_max, noise_level, cond, neg, guidance,
+                collective=False):
+    """Task routing (METHOD 5.2): the target transition mean sum_k alpha[:, k] mean_k(x), where adapter k
+    runs ONE batched forward on just the states routed to it (alpha[:, k] > 0). The SDE mean is affine in
+    v and the weights sum to 1, so blending means is blending velocities. collective=True (FSDP, where
+    forwards are collective): every adapter runs on every rank, on one state and dropped if none is routed."""
+    target = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
+    sigma, sigma_next = (torch.as_tensor(s, device=latents.device).float().expand(len(latents)) for s in (sigma, sigma_next))
+    for k, name in enumerate(adapters):
+        rows = (alpha[:, k] > 0).nonzero().flatten()
+        if len(rows) == 0 and not collective:
+            continue
+        take = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=latents.device)
+        with torch.no_grad(), transformer.adapter(name):
+            mean_k, _, _ = step_distribution(transformer, latents[take], sigma[take], sigma_next[take], sigma_max, noise_level,
+                                             (cond[0][take], cond[1][take]), (neg[0][take], neg[1][take]), guidance)
+        if len(rows):
+            target[rows] += alpha[rows, k].view(-1, *([1] * (latents.ndim - 1))).float() * mean_k
+    return target
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1180,6 +1205,45 @@ def transition_kl(mean_a, mean_b, step_std, dt, convention="exact"):
     if convention == "reference":
         return sq / (2 * var / torch.as_tensor(dt, device=var.device).abs().reshape(-1))
     raise ValueError(f"kl convention must be 'exact' or 'reference', got {convention!r}")
+
+
+def velocity_mse_from_means(mean_a, mean_b, sigma, sigma_next, std):
+    """||v_a - v_b||^2 (mean over elements) of two transitions from the same state: the SDE mean is affine
+    in v with slope (1 + std^2 (1 - s) / (2 s)) dt, so the velocities' distance follows from the means'."""
+    s, dt, std = (_per_sample(t, mean_a).flatten() for t in (sigma, torch.as_tensor(sigma_next) - torch.as_tensor(sigma), std))
+    slope = (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+    return ((mean_a - mean_b) ** 2).flatten(1).mean(1) / slope ** 2
+
+
+def step_divergence(mean_a, mean_b, step_std, sigma, sigma_next, std, weight="exact", convention="exact"):
+    """The per-step distance OPD minimises (METHOD 5.3, 5b): the transitions' KL (weight "exact": the
+    w(t) of the KL's velocity form, in the exact or the reference convention) or the plain velocity MSE
+    (weight "uniform", as DanceOPD)."""
+    if weight == "exact":
+        return transition_kl(mean_a, mean_b, step_std, torch.as_tensor(sigma_next) - torch.as_tensor(sigma), convention)
+    if weight == "uniform":
+        return velocity_mse_from_means(mean_a, mean_b, sigma, sigma_next, std)
+    raise ValueError(f"step weight must be 'exact' or 'uniform', got {weight!r}")
+
+
+def kl_advantages(kl, steps, kl_scale=-1.0, norm="none", clip=5.0, eps=1e-4):
+    """The pg mode's dense reward as advantages (METHOD 5.4): r = kl_scale * KL per (sample, supervised
+    step), kl_scale = -1 in the reference; optionally normalised (r - mean) / (std + 1e-4) over the whole
+    batch (global), per sample, or per timestep (entries of the same step index); clipped to [-clip, clip].
+    kl, steps: (N, S) over the gathered batch."""
+    r = (kl_scale * kl).double()
+    if norm == "none":
+        return r.clamp(-clip, clip).float()
+    groups = {"global": torch.zeros_like(steps), "per_sample": torch.arange(len(r), device=r.device)[:, None].expand_as(steps),
+              "per_timestep": steps}.get(norm)
+    if groups is None:
+        raise UserError(f"kl_norm must be none, global, per_sample or per_timestep, got {norm!r}")
+    uniq, inv = torch.unique(groups.flatten(), return_inverse=True)
+    flat = r.flatten()
+    count = torch.zeros(len(uniq), dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(flat))
+    mean = torch.zeros_like(count).index_add_(0, inv, flat) / count
+    std = (torch.zeros_like(count).index_add_(0, inv, (flat - mean[inv]) ** 2) / count).sqrt()
+    return ((flat - mean[inv]) / (std[inv] + eps)).clamp(-clip, clip).view_as(r).float()
 
 
 def group_advantages(rewards, group_ids, global_std=True, clip=5.0, eps=1e-4):
@@ -1416,7 +1480,10 @@ def load_optimizer_state(model, optimizer, state):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1]}
+    """The global generators' states as tensors (loadable with torch.load(weights_only=True)). Sampling and
+    training draw from explicitly seeded generators, so resuming does not depend on these."""
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
 
 
 class JsonlLog:

@@ -1,0 +1,394 @@
+"""
+Stage 3 of Flow-OPD: multi-teacher on-policy distillation (../shared/docs/METHOD.md sections 5-6).
+
+Per iteration: the student samples groups of SDE trajectories on prompts drawn from a mixture of tasks;
+every stored state is labelled by its task's teacher (task routing; all teachers are LoRA adapters on
+ONE frozen base); the student is trained on the per-step KL between its Gaussian transition and the
+teacher's, either as a dense reward in the clipped surrogate (pg, the paper) or directly (gkd), plus
+Manifold Anchor Regularization: beta_mar * KL(student || anchor) on every sample of every task.
+
+  python distill.py                                          # toy world: 3 toy teachers -> one student, CPU
+  python distill.py --objective=gkd --supervise=low_noise --step_weight=uniform   # DanceOPD's variant
+  python distill.py --objective=grpo_mix                     # the GRPO-Mix baseline, same sampling and logs
+  torchrun --nproc_per_node=8 distill.py --preset=sd35
+"""
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import rewards
+
+# -- config: the paper's recipe on SD3.5-M; the default preset "toy" shrinks it to a CPU ------------------
+preset = "toy"
+model = "stabilityai/stable-diffusion-3.5-medium"
+# each task: its prompt file, its teacher (adapter path or hub id), its sampling weight, and a reward that
+# is monitored in pg/gkd and trained on in grpo_mix (a name, or {name: weight} for a weighted sum)
+tasks = [
+    {"name": "geneval", "prompts": "data/geneval_train.jsonl", "teacher": "jieliu/SD3.5M-FlowGRPO-GenEval", "weight": 3.0, "reward": "geneval"},
+    {"name": "ocr", "prompts": "data/ocr_train.txt", "teacher": "jieliu/SD3.5M-FlowGRPO-Text", "weight": 1.0, "reward": "ocr"},
+    {"name": "pickscore", "prompts": "data/pickscore_train.txt", "teacher": "jieliu/SD3.5M-FlowGRPO-PickScore", "weight": 1.0, "reward": "pickscore"},
+]
+prompts = ""                 # optional: one mixed .jsonl whose rows carry a "task" field, instead of per-task files
+routing = {}                 # soft routing {task: {teacher task: weight}}; {} = one-hot, each task to its own teacher
+anchor = ""                  # the MAR anchor adapter (a task-agnostic quality teacher); "" = the base model
+student_init = ""            # the student's initial adapter (cold_start.py: SFT or merge); "" = a fresh LoRA
+objective = "pg"             # pg (the paper) | gkd (minimise the KL directly) | grpo_mix (task-reward baseline)
+beta_mar = 0.02              # MAR weight (paper appendix 0.02; reference config 0.04)
+kl_beta = 0.0                # KL to the reference (the base, adapter off); the GRPO-Mix preset uses 0.04
+kl_convention = "reference"  # reference: |dt| KL, the published betas' convention; exact: the true KL
+step_weight = "exact"        # exact: the KL's w(t); uniform: plain velocity MSE (DanceOPD)
+supervise = "all"            # all SDE steps | random_k | low_noise (one state per rollout in noise_range)
+supervise_k = 1
+noise_range = [0.0, 0.5]     # low_noise: the noise levels s a supervised state may have
+kl_scale = -1.0              # pg: reward r_j = kl_scale * KL_j
+kl_norm = "none"             # pg: none | global | per_sample | per_timestep
+monitor_rewards = True       # pg/gkd: also score the samples with each task's reward (logging only)
+teacher_guidance = 4.5       # CFG of the teachers' and the anchor's velocities
+resolution = 512
+num_steps = 10
+noise_level = 0.7
+guidance = 4.5
+t5_length = 128
+group_size = 16
+groups_per_iter = 16
+batch_size = 4               # per rank; the sampling batch is the training batch
+optimizer_steps_per_iter = 2
+timestep_fraction = 0.99
+lr = 1e-4
+weight_decay = 1e-4
+clip_range = 1e-4
+adv_clip = 5.0
+global_std = True            # grpo_mix advantages
+grad_clip = 1.0
+lora_rank = 32
+lora_alpha = 64.0
+ema = True
+ema_decay = 0.9
+ema_every = 8
+iterations = 500
+save_every = 20
+keep = 3
+grid_every = 20
+out_dir = "runs/distill"
+seed = 0
+dtype = "bfloat16"
+device = ""
+resume = False
+gradient_checkpointing = False
+
+TOY_TASKS = [
+    {"name": "composition", "prompts": "toy/prompts/composition_train.jsonl", "teacher": "toy/teachers/composition", "weight": 3.0, "reward": "toy_composition"},
+    {"name": "text", "prompts": "toy/prompts/text_train.txt", "teacher": "toy/teachers/text", "weight": 1.0, "reward": "toy_text"},
+    {"name": "quality", "prompts": "toy/prompts/quality_train.txt", "teacher": "toy/teachers/quality", "weight": 1.0, "reward": "toy_quality"},
+]
+PRESETS = {
+    "toy": dict(model="toy/base", tasks=TOY_TASKS, anchor="toy/teachers/quality", out_dir="runs/toy/distill", resolution=32,
+                t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, timestep_fraction=0.5,
+                lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
+    "sd35": dict(),
+    "sd35_grpo_mix": dict(objective="grpo_mix", kl_beta=0.04, out_dir="runs/grpo_mix",
+                          tasks=[{**t, "reward": {t["reward"]: 0.8, "aesthetic": 0.2}} for t in tasks]),
+}
+config = M.configure(globals(), PRESETS)
+
+# -- checks that need no model: a bad task list fails before any compute --------------------------------
+if objective not in ("pg", "gkd", "grpo_mix"):
+    raise M.UserError(f"objective must be pg, gkd or grpo_mix, got {objective!r}")
+if supervise not in ("all", "random_k", "low_noise"):
+    raise M.UserError(f"supervise must be all, random_k or low_noise, got {supervise!r}")
+names = [t["name"] for t in tasks]
+if len(set(names)) != len(names) or not names:
+    raise M.UserError(f"task names must be unique and non-empty, got {names}")
+weights = [float(t.get("weight", 1.0)) for t in tasks]
+if min(weights) < 0 or sum(weights) <= 0:
+    raise M.UserError(f"task weights {weights} must be non-negative and sum to a positive number")
+route = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)  # route[task, teacher] = alpha_k(c)
+for i, name in enumerate(names):
+    row = routing.get(name, {name: 1.0})
+    for teacher, w in row.items():
+        if teacher not in names:
+            raise M.UserError(f"routing for task {name!r} names an unknown teacher task {teacher!r}; tasks: {names}")
+        route[i, names.index(teacher)] = float(w)
+    if route[i].sum() <= 0 or route[i].min() < 0:
+        raise M.UserError(f"routing weights of task {name!r} must be non-negative and sum to a positive number")
+for name in routing:
+    if name not in names:
+        raise M.UserError(f"the routing table names an unknown task {name!r}; tasks: {names}")
+route /= route.sum(1, keepdim=True)
+try:  # every task's prompts (and metadata, for its reward)
+    if prompts:
+        rows = list(zip(*rewards.load_prompts(prompts)))
+        for n, (_, meta) in enumerate(rows, 1):
+            if meta.get("task") not in names:
+                raise M.UserError(f"{prompts}: row {n} has no 'task' field naming one of {names}")
+        task_prompts = [[(p, m) for p, m in rows if m["task"] == name] for name in names]
+    else:
+        task_prompts = [list(zip(*rewards.load_prompts(t["prompts"]))) for t in tasks]
+except (ValueError, OSError) as e:
+    raise M.UserError(str(e)) from None
+for name, rows in zip(names, task_prompts):
+    if not rows:
+        raise M.UserError(f"task {name!r} has no prompts")
+
+# -- setup ---------------------------------------------------------------------------------------------------
+dist = M.setup_distributed(device or None)
+samples_per_iter = group_size * groups_per_iter
+if samples_per_iter % (dist.world * batch_size):
+    raise M.UserError(f"{groups_per_iter} groups x {group_size} images is not a multiple of {dist.world} ranks x batch_size {batch_size}")
+num_batches = samples_per_iter // (dist.world * batch_size)
+if num_batches % optimizer_steps_per_iter:
+    raise M.UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
+torch_dtype = getattr(torch, dtype)
+M.seed_everything(seed)
+pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
+transformer = pipe.transformer
+latent_shape = pipe.latent_shape(resolution)
+sigmas = M.sigma_schedule(num_steps, pipe.shift).to(dist.device)
+stds = M.sde_std(sigmas[:-1], sigmas[1], noise_level).to(dist.device)  # std(s_j) of every step
+trained = list(range(min(num_steps - 1, int(num_steps * timestep_fraction))))  # candidate (SDE) steps
+if supervise == "low_noise":
+    trained = [j for j in trained if noise_range[0] <= sigmas[j].item() <= noise_range[1]]
+    if not trained:
+        raise M.UserError(f"no SDE step has a noise level in {noise_range}; levels: {[round(s, 3) for s in sigmas[:-2].tolist()]}")
+slots = {"all": len(trained), "random_k": min(supervise_k, len(trained)), "low_noise": 1}[supervise]
+
+# teachers and the anchor: adapters on the one frozen base (METHOD 6); a wrong adapter fails here
+if objective != "grpo_mix":
+    for t in tasks:
+        if route[:, names.index(t["name"])].any():
+            M.load_adapter(transformer, "teacher_" + t["name"], t["teacher"])
+    if anchor:
+        M.load_adapter(transformer, "anchor", anchor)
+reward_fns = {}
+for t in tasks:
+    if t.get("reward") and (objective == "grpo_mix" or monitor_rewards):
+        spec = t["reward"]
+        try:
+            reward_fns[t["name"]] = rewards.MultiReward(spec, device=dist.device) if isinstance(spec, dict) else rewards.get_reward(spec, device=dist.device)
+        except ValueError as e:
+            raise M.UserError(str(e)) from None
+if objective == "grpo_mix" and len(reward_fns) != len(tasks):
+    raise M.UserError("grpo_mix needs a reward for every task")
+
+start_iter, state = 0, None
+ckpt = M.latest_checkpoint(out_dir) if resume else None
+if ckpt:
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    start_iter = state["iteration"]
+    M.load_adapter(transformer, "student", os.path.join(ckpt, "adapter"), trainable=True)
+elif student_init:
+    M.load_adapter(transformer, "student", student_init, trainable=True)
+else:
+    M.add_adapter(transformer, "student", lora_rank, lora_alpha, seed=seed)
+transformer.gradient_checkpointing = gradient_checkpointing
+if dist.world > 1:
+    M.shard_transformer(transformer, torch_dtype)  # replaces the parameters: collect them afterwards
+named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+params = list(named.values())
+optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+ema_weights = M.EMA(named.items(), ema_decay, ema_every) if ema else None
+if state is not None:
+    M.load_optimizer_state(transformer, optimizer, state["optimizer"])
+    if ema_weights is not None:
+        ema_weights.load_state_dict(state["ema"])
+skipped = state["skipped"] if state else 0
+optimizer_step = state["optimizer_step"] if state else 0
+negative = pipe.text.encode([""])
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt))
+# one base copy (METHOD 6): the teachers, the anchor and the student add only their LoRA parameters
+sizes = {"base": sum(p.numel() for n, p in transformer.named_parameters() if ".lora_" not in n),  # global sizes, also of DTensors
+         **{a: sum(p.numel() for p in transformer.adapter_parameters(a)) for a in transformer.adapter_names()}}
+log.write({"iteration": start_iter, "parameters": sizes})
+
+
+def transition(adapter, x, j, cond, neg, cfg, grad=False):
+    """(mean, step_std, velocity) of `adapter`'s transition at states x, steps j (one per sample)."""
+    with torch.set_grad_enabled(grad), transformer.adapter(adapter):
+        return M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, cond, neg, cfg)
+
+
+def divergence(mean_a, mean_b, step_std, j):
+    return M.step_divergence(mean_a, mean_b, step_std, sigmas[j], sigmas[j + 1], stds[j], step_weight, kl_convention)
+
+
+def save(iteration):
+    adapter = M.adapter_state(transformer, "student")
+    ema_adapter = None
+    if ema_weights is not None:
+        with ema_weights.swapped():
+            ema_adapter = M.adapter_state(transformer, "student")
+    opt_state = M.optimizer_state(transformer, optimizer)
+    ema_state = ema_weights.state_dict() if ema_weights is not None else None
+    if dist.master:
+        def write(folder):
+            M.write_adapter(adapter, os.path.join(folder, "adapter"), "peft", base_model=model)
+            if ema_adapter is not None:
+                M.write_adapter(ema_adapter, os.path.join(folder, "ema"), "peft", base_model=model)
+            torch.save({"iteration": iteration, "optimizer": opt_state, "ema": ema_state, "skipped": skipped,
+                        "optimizer_step": optimizer_step, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
+            json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
+        M.save_checkpoint(out_dir, iteration, write, keep)
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=not dist.master, initial=start_iter, total=iterations):
+    times, t0 = {}, time.time()
+    # 1. on-policy sampling (METHOD 5.1): groups drawn from the task mixture, every sample carries its task
+    groups = M.draw_groups([len(p) for p in task_prompts], weights, groups_per_iter, seed, iteration)
+    order = [g for g in groups for _ in range(group_size)]  # global sample index -> (task, prompt index)
+    batches = []
+    transformer.eval()
+    for b in range(num_batches):
+        first = (b * dist.world + dist.rank) * batch_size
+        index = list(range(first, first + batch_size))
+        task_of = torch.tensor([order[i][0] for i in index], device=dist.device)
+        rows = [task_prompts[t][p] for t, p in (order[i] for i in index)]
+        cond = pipe.text.encode([p for p, _ in rows])
+        neg = (negative[0].expand(batch_size, -1, -1), negative[1].expand(batch_size, -1))
+        with transformer.adapter("student"):
+            roll = M.rollout(transformer, *cond, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
+                             num_steps, pipe.shift, guidance, noise_level)
+        # which states are supervised (METHOD 5b): all, k random ones, or one low-noise one per rollout
+        g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, first, 5))
+        if supervise == "all":
+            steps = torch.tensor(trained).expand(batch_size, -1)
+        else:
+            steps = torch.stack([torch.tensor(trained)[torch.randperm(len(trained), generator=g)[:slots]] for _ in index])
+        images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
+        batches.append(dict(index=index, task=task_of, rows=rows, cond=cond, neg=neg, roll=roll, steps=steps.to(dist.device), images=images))
+    times["sampling"] = time.time() - t0
+
+    # 2. labels (METHOD 5.2-5.3): routed teacher means, anchor means, and the pg rewards -KL_j
+    t1 = time.time()
+    local_kl, local_kl_anchor = [], []
+    with torch.no_grad():
+        for batch in batches:
+            roll, cond, neg, alpha = batch["roll"], batch["cond"], batch["neg"], route.to(dist.device)[batch["task"]]
+            batch["target"], batch["anchor"], kls, kls_anchor = [], [], [], []
+            for slot in range(slots):
+                j = batch["steps"][:, slot]
+                x = roll.latents[torch.arange(batch_size), j]
+                if objective != "grpo_mix":
+                    target = M.routed_mean(transformer, ["teacher_" + n for n in names], alpha, x, sigmas[j], sigmas[j + 1],
+                                           sigmas[1], noise_level, cond, neg, teacher_guidance, collective=dist.world > 1)
+                    anchor_mean, step_std, _ = transition("anchor" if anchor else None, x, j, cond, neg, teacher_guidance)
+                    batch["target"].append(target)
+                    batch["anchor"].append(anchor_mean)
+                    old_mean = roll.means[torch.arange(batch_size), j]
+                    kls.append(divergence(old_mean, target, step_std, j))
+                    kls_anchor.append(divergence(old_mean, anchor_mean, step_std, j))
+            if kls:  # (batch, slots): the sampling student's divergence from its teachers and from the anchor
+                local_kl.append(torch.stack(kls, 1))
+                local_kl_anchor.append(torch.stack(kls_anchor, 1))
+    times["labels"] = time.time() - t1
+
+    # 3. rewards: the task rewards (trained on in grpo_mix, monitored otherwise), gathered over ranks
+    t2 = time.time()
+    task_rewards = torch.full((num_batches, batch_size), float("nan"), device=dist.device)
+    for b, batch in enumerate(batches):
+        for k, name in enumerate(names):
+            rows = (batch["task"] == k).nonzero().flatten().cpu()
+            if name in reward_fns and len(rows):
+                try:
+                    scores, _ = reward_fns[name](batch["images"][rows], [batch["rows"][i][0] for i in rows], [batch["rows"][i][1] for i in rows])
+                    task_rewards[b, rows.to(dist.device)] = scores.to(dist.device)
+                except FloatingPointError as e:
+                    print(f"warning: iteration {iteration}: {e}")
+                    task_rewards[b, rows.to(dist.device)] = float("inf")  # marks the iteration as unusable
+    all_rewards = M.all_gather(task_rewards[None]).permute(1, 0, 2).reshape(-1).cpu()  # global sample order
+    all_tasks = torch.tensor([t for t, _ in order])
+    times["reward"] = time.time() - t2
+    if objective == "grpo_mix":
+        if not torch.isfinite(all_rewards).all():
+            skipped += 1
+            if dist.master:
+                print(f"warning: non-finite rewards in iteration {iteration}; skipped it ({skipped} so far)")
+            log.write({"iteration": iteration + 1, "skipped": skipped})
+            continue
+        adv, zero_std = M.group_advantages(all_rewards, [t * 10 ** 9 + p for t, p in order], global_std, adv_clip)
+        advantages = adv.view(num_batches, dist.world, batch_size)[:, dist.rank].to(dist.device)[..., None].expand(-1, -1, slots)
+    else:
+        kl_all = M.all_gather(torch.stack(local_kl)[None])  # (world, num_batches, batch, slots)
+        steps_all = M.all_gather(torch.stack([b["steps"] for b in batches])[None])
+        adv = M.kl_advantages(kl_all.flatten(0, 2), steps_all.flatten(0, 2), kl_scale, kl_norm, adv_clip)
+        advantages = adv.view(dist.world, num_batches, batch_size, slots)[dist.rank]
+
+    # 4. training (METHOD 5.4-5.5): pg = clipped surrogate with the dense rewards; gkd = the KL itself;
+    #    both + beta_mar KL(student || anchor) [+ kl_beta KL(student || base)]
+    t3 = time.time()
+    transformer.train()
+    stats, per_step = [], slots * (num_batches // optimizer_steps_per_iter)
+    for b, batch in enumerate(batches):
+        roll, cond, neg = batch["roll"], batch["cond"], batch["neg"]
+        for slot in range(slots):
+            j = batch["steps"][:, slot]
+            x, x_next = roll.latents[torch.arange(batch_size), j], roll.latents[torch.arange(batch_size), j + 1]
+            mean, step_std, _ = transition("student", x, j, cond, neg, guidance, grad=True)
+            loss, s = torch.zeros((), device=dist.device), {}
+            if objective in ("pg", "grpo_mix"):
+                log_prob = M.gaussian_log_prob(x_next, mean, step_std)
+                policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[torch.arange(batch_size), j], advantages[b, :, slot], clip_range)
+                loss = loss + policy_loss
+            if objective != "grpo_mix":
+                to_teacher = divergence(mean, batch["target"][slot], step_std, j)
+                to_anchor = divergence(mean, batch["anchor"][slot], step_std, j)
+                if objective == "gkd":
+                    loss = loss + to_teacher.mean()
+                loss = loss + beta_mar * to_anchor.mean()
+                s = {**s, "kl_teacher": to_teacher.mean().detach(), "kl_anchor": to_anchor.mean().detach()}
+            if kl_beta > 0:
+                ref_mean, _, _ = transition(None, x, j, cond, neg, guidance)
+                kl_ref = M.transition_kl(mean, ref_mean, step_std, sigmas[j + 1] - sigmas[j], kl_convention).mean()
+                loss = loss + kl_beta * kl_ref
+                s["kl_ref"] = kl_ref.detach()
+            (loss / per_step).backward()
+            stats.append({**s, "loss": loss.detach()})
+        if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
+            grad_norm = M.clip_grad_norm(params, grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                optimizer_step += 1
+                if ema_weights is not None:
+                    ema_weights.update(optimizer_step - 1)
+            else:
+                skipped += 1
+                print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
+            optimizer.zero_grad(set_to_none=True)
+    times["training"] = time.time() - t3
+
+    # 5. logs (per task: divergence to its own teacher, to the anchor, its reward), checkpoint, grid
+    record = {"iteration": iteration + 1, **{k: M.all_reduce_mean(torch.stack([s[k] for s in stats]).mean()).item() for k in stats[0]},
+              "grad_norm": float(grad_norm), "skipped": skipped, "optimizer_step": optimizer_step}
+    if objective != "grpo_mix":
+        kl_teacher = kl_all.mean(-1).permute(1, 0, 2).reshape(-1).cpu()  # sampling-time divergences, global order
+        kl_anchor = M.all_gather(torch.stack(local_kl_anchor)[None]).mean(-1).permute(1, 0, 2).reshape(-1).cpu()
+        for k, name in enumerate(names):
+            mine = all_tasks == k
+            if mine.any():
+                record[f"{name}/kl_teacher"] = kl_teacher[mine].mean().item()
+                record[f"{name}/kl_anchor"] = kl_anchor[mine].mean().item()
+    for k, name in enumerate(names):
+        mine = (all_tasks == k) & torch.isfinite(all_rewards)
+        if mine.any():
+            record[f"{name}/reward"] = all_rewards[mine].mean().item()
+            record[f"{name}/count"] = int(mine.sum())
+    record.update({"images_per_s": samples_per_iter / (time.time() - t0), **{f"seconds_{k}": v for k, v in times.items()}})
+    log.write(record)
+    if dist.master:
+        shown = " ".join(f"{n}={record[f'{n}/reward']:.3f}" for n in names if f"{n}/reward" in record)
+        tqdm.write(f"iter {iteration + 1}: loss {record['loss']:.3e} {shown} {record['images_per_s']:.1f} img/s")
+    if (iteration + 1) % save_every == 0 or iteration + 1 == iterations:
+        save(iteration + 1)
+    if dist.master and ((iteration + 1) % grid_every == 0 or iteration + 1 == iterations):
+        shown = list(range(0, batch_size, max(1, batch_size // 16)))[:16]
+        first = batches[0]
+        M.save_grid(first["images"][shown], [f"[{names[first['task'][i]]}] {first['rows'][i][0]}" for i in shown],
+                    os.path.join(out_dir, f"grid_{iteration + 1:06d}.png"))
+if dist.master:
+    print(f"done: {out_dir}/latest -> {M.latest_checkpoint(out_dir)}")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
