@@ -12,6 +12,7 @@ Manifold Anchor Regularization: beta_mar * KL(student || anchor) on every sample
   python distill.py --objective=grpo_mix                     # the GRPO-Mix baseline, same sampling and logs
   torchrun --nproc_per_node=8 distill.py --preset=sd35
 """
+import contextlib
 import json
 import os
 import time
@@ -79,16 +80,23 @@ dtype = "bfloat16"
 device = ""
 resume = False
 gradient_checkpointing = False
+eval_images = 0              # > 0: at the start and the end, ODE samples of each task's eval_prompts scored by its
+eval_steps = 40              # eval_reward, for the base, its teacher and the student (a quick check; evaluate.py
+                             # runs the full protocol)
 
 TOY_TASKS = [
-    {"name": "composition", "prompts": "toy/prompts/composition_train.jsonl", "teacher": "toy/teachers/composition", "weight": 3.0, "reward": "toy_composition"},
-    {"name": "text", "prompts": "toy/prompts/text_train.txt", "teacher": "toy/teachers/text", "weight": 1.0, "reward": "toy_text"},
-    {"name": "quality", "prompts": "toy/prompts/quality_train.txt", "teacher": "toy/teachers/quality", "weight": 1.0, "reward": "toy_quality"},
+    {"name": "composition", "prompts": "toy/prompts/composition_train.jsonl", "teacher": "toy/teachers/composition", "weight": 3.0,
+     "reward": "toy_composition", "eval_prompts": "toy/prompts/composition_test.jsonl", "eval_reward": "toy_composition_strict"},
+    {"name": "text", "prompts": "toy/prompts/text_train.txt", "teacher": "toy/teachers/text", "weight": 1.0,
+     "reward": "toy_text", "eval_prompts": "toy/prompts/text_test.txt", "eval_reward": "toy_text_accuracy"},
+    {"name": "quality", "prompts": "toy/prompts/quality_train.txt", "teacher": "toy/teachers/quality", "weight": 1.0,
+     "reward": "toy_quality", "eval_prompts": "toy/prompts/quality_test.txt", "eval_reward": "toy_quality_strict"},
 ]
 PRESETS = {
     "toy": dict(model="toy/base", tasks=TOY_TASKS, anchor="toy/teachers/quality", out_dir="runs/toy/distill", resolution=32,
                 t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, timestep_fraction=0.5,
-                lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
+                lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False,
+                eval_images=64, eval_steps=20),
     "sd35": dict(),
     "sd35_grpo_mix": dict(objective="grpo_mix", kl_beta=0.04, out_dir="runs/grpo_mix",
                           tasks=[{**t, "reward": {t["reward"]: 0.8, "aesthetic": 0.2}} for t in tasks]),
@@ -133,6 +141,15 @@ except (ValueError, OSError) as e:
 for name, rows in zip(names, task_prompts):
     if not rows:
         raise M.UserError(f"task {name!r} has no prompts")
+eval_sets = {}
+if eval_images > 0:
+    for t in tasks:
+        if t.get("eval_prompts"):
+            try:
+                rows = list(zip(*rewards.load_prompts(t["eval_prompts"])))
+                eval_sets[t["name"]] = ([rows[i % len(rows)] for i in range(eval_images)], rewards.get_reward(t.get("eval_reward") or t["reward"]))
+            except ValueError as e:
+                raise M.UserError(str(e)) from None
 
 # -- setup ---------------------------------------------------------------------------------------------------
 dist = M.setup_distributed(device or None)
@@ -215,6 +232,25 @@ def divergence(mean_a, mean_b, step_std, j):
     return M.step_divergence(mean_a, mean_b, step_std, sigmas[j], sigmas[j + 1], stds[j], step_weight, kl_convention)
 
 
+def quick_eval(adapter):
+    """Mean eval reward per task of `adapter`'s ODE samples (fixed seeds: every model sees the same noise).
+    Every rank evaluates everything: FSDP forwards are collective, and this is small."""
+    out = {}
+    for name, (rows, reward_fn) in eval_sets.items():
+        scores = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            cond = pipe.text.encode([p for p, _ in chunk])
+            neg = (negative[0].expand(len(chunk), -1, -1), negative[1].expand(len(chunk), -1))
+            with transformer.adapter(adapter):
+                roll = M.rollout(transformer, *cond, *neg, latent_shape, [M.sample_seed(seed, 99, i + k) for k in range(len(chunk))],
+                                 eval_steps, pipe.shift, guidance, sde=False, keep=False)
+            images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
+            scores.append(reward_fn(images, [p for p, _ in chunk], [m for _, m in chunk])[0])
+        out[name] = torch.cat(scores).mean().item()
+    return out
+
+
 def save(iteration):
     adapter = M.adapter_state(transformer, "student")
     ema_adapter = None
@@ -233,6 +269,15 @@ def save(iteration):
             json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
         M.save_checkpoint(out_dir, iteration, write, keep)
 
+
+reference_scores = {}
+if eval_sets and dist.master:
+    print("evaluating the base and the teachers on the held-out prompts ...")
+if eval_sets:
+    transformer.eval()
+    reference_scores = {"base": quick_eval(None)}
+    if objective != "grpo_mix":
+        reference_scores["teacher"] = {n: quick_eval("teacher_" + n)[n] for n in eval_sets}
 
 # -- the loop ------------------------------------------------------------------------------------------------
 for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=not dist.master, initial=start_iter, total=iterations):
@@ -388,6 +433,18 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         first = batches[0]
         M.save_grid(first["images"][shown], [f"[{names[first['task'][i]]}] {first['rows'][i][0]}" for i in shown],
                     os.path.join(out_dir, f"grid_{iteration + 1:06d}.png"))
+if eval_sets:  # the student next to its teachers, per task
+    transformer.eval()
+    with ema_weights.swapped() if ema_weights is not None else contextlib.nullcontext():  # the EMA is what ships
+        student = quick_eval("student")
+    if dist.master:
+        rows = [f"| {n} | {reference_scores['base'][n]:.3f} | {reference_scores.get('teacher', {}).get(n, float('nan')):.3f} | {student[n]:.3f} |"
+                for n in eval_sets]
+        table = "\n".join(["| task (held-out prompts, eval reward) | base | its teacher | student |", "|---|---|---|---|", *rows])
+        print(table)
+        M._atomic(lambda p: json.dump({"base": reference_scores["base"], "teacher": reference_scores.get("teacher"), "student": student,
+                                       "eval_images": eval_images, "eval_steps": eval_steps}, open(p, "w"), indent=2),
+                  os.path.join(out_dir, "summary.json"))
 if dist.master:
     print(f"done: {out_dir}/latest -> {M.latest_checkpoint(out_dir)}")
 if torch.distributed.is_initialized():

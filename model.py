@@ -785,12 +785,12 @@ class TextEncoders:
     Frozen, eval mode; a cache keyed by prompt (groups repeat prompts; the empty negative prompt is
     encoded once); offload() moves the encoders to the CPU once all prompts are encoded."""
 
-    def __init__(self, clip_l, clip_g, t5, tokenizers, t5_length, joint_dim, device, cache_size=4096):
+    def __init__(self, clip_l, clip_g, t5, tokenizers, t5_length, joint_dim, device, cache_budget=1 << 30):
         self.encoders = [clip_l.eval().requires_grad_(False), clip_g.eval().requires_grad_(False),
                          t5.eval().requires_grad_(False) if t5 is not None else None]
         self.tokenizers = tokenizers
         self.t5_length, self.joint_dim, self.device = t5_length, joint_dim, torch.device(device)
-        self.cache, self.cache_size = {}, cache_size
+        self.cache, self.cache_bytes, self.cache_budget = {}, 0, cache_budget  # 1 GiB: ~600 SD3.5 prompts
         self.dtype = clip_l.dtype
 
     @torch.no_grad()
@@ -814,14 +814,17 @@ class TextEncoders:
     def encode(self, prompts, batch_size=64):
         """list of prompts -> (embeds (B, L, joint_dim), pooled (B, P)) on self.device."""
         todo = sorted({p for p in prompts if p not in self.cache})
+        fresh = {}
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            embeds, pooled = self._encode(chunk)
-            for p, e, q in zip(chunk, embeds, pooled):
-                if len(self.cache) >= self.cache_size:
-                    self.cache.pop(next(iter(self.cache)))
-                self.cache[p] = (e, q)
-        return torch.stack([self.cache[p][0] for p in prompts]), torch.stack([self.cache[p][1] for p in prompts])
+            fresh.update(zip(chunk, zip(*self._encode(chunk))))
+        found = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
+        for p, value in fresh.items():  # then remember the new ones, forgetting the oldest beyond the budget
+            self.cache[p] = value
+            self.cache_bytes += sum(t.numel() * t.element_size() for t in value)
+            while self.cache_bytes > self.cache_budget and len(self.cache) > 1:
+                self.cache_bytes -= sum(t.numel() * t.element_size() for t in self.cache.pop(next(iter(self.cache))))
+        return torch.stack([e for e, _ in found]), torch.stack([q for _, q in found])
 
     def offload(self):
         for enc in self.encoders:
@@ -929,6 +932,8 @@ def load_codec(folder, device="cpu", dtype=torch.float32):
 
 def load_text_encoders(path, device="cpu", dtype=torch.float32, t5_length=128):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
     index = json.load(open(os.path.join(path, "model_index.json")))
     clip_l = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype).to(device)
     clip_g = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder_2"), dtype=dtype).to(device)
@@ -1487,14 +1492,26 @@ def rng_state():
 
 
 class JsonlLog:
-    """One JSON object per line; only the master process writes."""
+    """One JSON object per line; only the master process writes. A run resumed from the checkpoint at
+    `resume_at` (the value of `key` in its records) drops the lines after it: the killed run logged steps
+    past its last checkpoint (the last one perhaps half-written), and the resumed run logs them again."""
 
-    def __init__(self, path, enabled=True, resume=False):
+    def __init__(self, path, enabled=True, resume=False, resume_at=None, key="step"):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if not resume and os.path.exists(path):
                 os.remove(path)
+            elif resume_at is not None and os.path.exists(path):
+                kept = []
+                for line in open(path):
+                    try:
+                        if json.loads(line).get(key, 0) > resume_at:
+                            break
+                    except json.JSONDecodeError:
+                        break
+                    kept.append(line)
+                _atomic(lambda p: open(p, "w").writelines(kept), path)
 
     def write(self, record):
         if self.enabled:

@@ -88,6 +88,9 @@ def test_text_encoding_and_vae_equal_diffusers_pipeline(tiny):
     assert embeds.shape == ref_embeds.shape == (4, 77 + 12, 48)
     assert (embeds - ref_embeds).abs().max() <= 1e-5 and (pooled - ref_pooled).abs().max() <= 1e-5
     assert len(pipe.text.cache) == 3  # repeated prompts are encoded once
+    pipe.text.cache_budget = 2 * pipe.text.cache_bytes // 3  # room for two prompts: older ones are forgotten
+    again, _ = pipe.text.encode(prompts + ["a green triangle", "a red circle"])
+    assert (again[:4] - embeds).abs().max() == 0 and len(pipe.text.cache) == 2
     latents = torch.randn(2, 4, 8, 8)
     z = latents / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
     with torch.no_grad():
