@@ -1,5 +1,5 @@
 """
-Stage 3 of Flow-OPD: multi-teacher on-policy distillation (../shared/docs/METHOD.md sections 5-6).
+Stage 3 of Flow-OPD: multi-teacher on-policy distillation (docs/method.md sections 5-6).
 
 Per iteration: the student samples groups of SDE trajectories on prompts drawn from a mixture of tasks;
 every stored state is labelled by its task's teacher (task routing; all teachers are LoRA adapters on

@@ -10,7 +10,7 @@ Everything the Flow-OPD stages share, in one file to read top to bottom:
  7. the losses the stages share: per-step Gaussian KL, GRPO advantages and the clipped surrogate
  8. adapter files in both public formats (peft and diffusers), checkpoints, distributed setup
 
-Formulas cite ../shared/docs/METHOD.md ("METHOD 2" = its section 2). Notation: noise level s in [0, 1]
+Formulas cite docs/method.md ("METHOD 2" = its section 2). Notation: noise level s in [0, 1]
 (diffusers' sigma), x_s = (1 - s) x0 + s e, the network predicts the velocity v ~ e - x0.
 """
 
@@ -603,13 +603,16 @@ def _full(t):
 
 
 def adapter_state(model, name):
-    """{official module: (A (r, in), B (out, r), scale)} for adapter `name` (collective under FSDP)."""
+    """{official module: (A (r, in), B (out, r), scale)} for adapter `name` (collective under FSDP). A copy:
+    on the CPU .float().cpu() would be a view of the live parameter, and a snapshot taken with the EMA
+    swapped in would turn back into the trained weights when the swap is undone."""
     out = {}
     for official, (layer, part) in official_modules(model).items():
         if name in layer.lora_A and layer.lora_has_part[name][part]:
             A, B = _full(layer.lora_A[name].detach()), _full(layer.lora_B[name].detach())
             r = B.shape[-1]
-            out[official] = (A[part * r:(part + 1) * r].float().cpu(), B[part].float().cpu(), layer.lora_scale[name])
+            out[official] = (A[part * r:(part + 1) * r].to("cpu", torch.float32, copy=True),
+                             B[part].to("cpu", torch.float32, copy=True), layer.lora_scale[name])
     if not out:
         raise ValueError(f"no adapter named {name!r} on the model")
     return out

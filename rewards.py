@@ -5,7 +5,7 @@ Every reward behind one call shape, in the training process, from models that tr
     scores, details = r(images, prompts, metadata)    # scores: float32 (B,) on CPU; details: per-image lists
 
 `images` is a uint8 tensor (B, 3, H, W), a float tensor in [0, 1] of that shape, or a list of PIL images.
-The rules, thresholds and model ids come from shared/docs/REWARDS.md ("spec" below, cited by section).
+The rules, thresholds and model ids come from docs/reward_spec.md ("spec" below, cited by section).
 Every reward returns finite scores or raises: a NaN would silently poison a whole GRPO group.
 Models load lazily on the first call (or on an explicit `load()`), so building a reward is free.
 """
@@ -476,7 +476,7 @@ class GenEvalReward(Reward):
 # GenEval-style training metadata (spec 1.1, 8) when the published train_metadata.jsonl is not at hand
 
 # Flow-GRPO's dataset/merge_genevaltask.py task weights (normalised by their sum); single_object is not
-# trained on there. Read in a public fork of flow_grpo (zqqqqz2000/flow_grpo), not in REWARDS.md.
+# trained on there. Read in a public fork of flow_grpo (zqqqqz2000/flow_grpo), not in reward_spec.md.
 GENEVAL_TRAIN_MIX = {"position": 0.7, "color_attr": 0.3, "colors": 0.1, "counting": 0.5, "two_object": 0.1}
 COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 

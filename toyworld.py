@@ -7,7 +7,7 @@ exactly, with no learned model. Three tasks mirror the paper's:
 - composition (the GenEval analogue): coloured circles, squares and triangles on a plain background.
   Prompts come from GenEval's six templates (single_object, two_object, counting, colors, position,
   color_attr), with metadata in GenEval's format, and the strict metric applies GenEval's official
-  rules (shared/docs/REWARDS.md 1.4, 1.6) to objects found by colour segmentation, connected
+  rules (docs/reward_spec.md 1.4, 1.6) to objects found by colour segmentation, connected
   components and shape template matching.
 - text (the OCR analogue): a 1-3 character string in a built-in 3x5 bitmap font, prompt
   `a sign that says "47"`; the target is the first double-quoted span, exactly as the OCR reward reads it.
@@ -139,7 +139,7 @@ def _prompt_table():
         for b in (b for b in SHAPES if b != a):
             both = f"{_noun_phrase(a)} and {_noun_phrase(b)}"
             comp["two_object"].append(_meta("two_object", photo(both), [_clause(a), _clause(b)]))
-            for rel in RELATIONS:  # include[0] is the reference B; A carries [rel, 0] (REWARDS.md 1.1)
+            for rel in RELATIONS:  # include[0] is the reference B; A carries [rel, 0] (reward_spec.md 1.1)
                 comp["position"].append(_meta("position", photo(f"{_noun_phrase(a)} {rel} {_noun_phrase(b)}"),
                                               [_clause(b), _clause(a, position=(rel, 0))]))
             for ca, cb in ((ca, cb) for ca in COLORS for cb in COLORS if ca != cb):
@@ -414,7 +414,7 @@ MATCH_DIST = 60.0    # RGB distance within which a pixel takes a palette colour 
 MIN_AREA = 10 / 1024  # smaller components (fraction of the image) are speckle, not objects; clean objects: 31+ px
 DET_IOU, COUNT_IOU = 0.6, 0.7  # detection thresholds on the confidence (GenEval: score 0.3, counting 0.9)
 SHAPE_TEMPERATURE = 0.03  # softmax over template IoUs: a clean 9 px circle is 0.85 IoU to the square, p = 0.99
-POSITION_THRESHOLD = 0.1  # GenEval's margin: 10% of the summed sizes (REWARDS.md 1.6)
+POSITION_THRESHOLD = 0.1  # GenEval's margin: 10% of the summed sizes (reward_spec.md 1.6)
 SIDE_OK = (0.10, 0.18, 0.50, 0.70)  # plausible object side (fraction of the image), as a _ramp
 GLYPH_CONTRAST, GLYPH_REJECT = 0.4, 0.12  # a clean glyph cell spans 0..1 and matches at 0
 _PALETTE_RGB = np.array(list(PALETTE.values()), np.float64)
@@ -505,7 +505,7 @@ def _offset(box_a, box_b, threshold=POSITION_THRESHOLD):
 
 
 def relative_position(box_a, box_b, threshold=POSITION_THRESHOLD):
-    """The set of relations of A with respect to B, GenEval's rule (REWARDS.md 1.6); image y grows down."""
+    """The set of relations of A with respect to B, GenEval's rule (reward_spec.md 1.6); image y grows down."""
     revised, norm = _offset(box_a, box_b, threshold)
     if np.all(np.abs(revised) < 1e-3):
         return set()
@@ -524,7 +524,7 @@ def relation_strength(box_a, box_b, rel):
 
 
 def geneval_correct(meta, objects):
-    """GenEval's official per-image rule (REWARDS.md 1.4) on the read-back objects."""
+    """GenEval's official per-image rule (reward_spec.md 1.4) on the read-back objects."""
     threshold = COUNT_IOU if meta["tag"] == "counting" else DET_IOU
     detections = {s: [o for o in objects if o["shape"] == s and o["confidence"] >= threshold] for s in SHAPES}
     matched = []
@@ -593,7 +593,7 @@ def edit_distance(a, b):
 
 
 def text_accuracy(images, prompts, read=None):
-    """The OCR reward's analogue (REWARDS.md 3): 1 - min(edit distance, len) / len of the read string vs
+    """The OCR reward's analogue (reward_spec.md 3): 1 - min(edit distance, len) / len of the read string vs
     the quoted target, spaces removed and lowercased; 1 when the target is a substring of the read text."""
     read = read_text(images) if read is None else read
     scores = []
