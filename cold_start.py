@@ -16,7 +16,9 @@ import json
 import math
 import os
 import time
+import zlib
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -41,6 +43,7 @@ images = ""                       # an image-caption folder instead of teacher s
 data_dir = "runs/sft_data"
 samples_per_teacher = 4096        # multiplied by the teacher's weight / mean weight
 shard_size = 64
+sample_batch_size = 16            # teacher sampling batch (no gradient): the cache does not depend on batch_size or ranks
 sample_steps = 40
 sample_sde = False                # ODE samples (the teacher's mode); True: SDE with noise_level
 noise_level = 0.7
@@ -86,7 +89,7 @@ TOY_TEACHERS = [
 ]
 PRESETS = {
     "toy": dict(model="toy/base", teachers=TOY_TEACHERS, out_dir="runs/toy/cold_start", data_dir="runs/toy/sft_data",
-                samples_per_teacher=512, shard_size=128, sample_steps=10, resolution=32, t5_length=12, lora_rank=8,
+                samples_per_teacher=512, shard_size=128, sample_batch_size=64, sample_steps=10, resolution=32, t5_length=12, lora_rank=8,
                 lora_alpha=8.0, steps=300, batch_size=64, lr=1e-3, warmup=20, save_every=100, grid_every=100, dtype="float32"),
     # the toy world's base model: pre-training from scratch on rendered scenes (see toyworld.py `base`)
     "toy_pretrain": dict(model="runs/toy/skeleton", images="runs/toy/pretrain_data", data_dir="runs/toy/pretrain_latents",
@@ -97,7 +100,9 @@ PRESETS = {
     "sd35_merge": dict(mode="merge"),
 }
 config = M.configure(globals(), PRESETS)
-assert mode in ("sft", "merge"), f"mode must be sft or merge, got {mode!r}"
+for key, value, choices in (("mode", mode, ("sft", "merge")), ("init", init, ("base", "scratch")), ("train", train, ("lora", "full"))):
+    if value not in choices:
+        raise M.UserError(f"{key} must be {' or '.join(choices)}, got {value!r}")
 if mode == "merge" and (merge_naive and merge_rank):
     raise M.UserError("--merge_naive and --merge_rank are alternatives: choose one")
 
@@ -139,9 +144,9 @@ os.makedirs(data_dir, exist_ok=True)
 
 
 def shard_is_valid(path, count):
-    try:
+    try:  # the latent shape too: a cache made at another resolution is remade, not trained on
         with safe_open(path, framework="pt") as f:
-            return f.get_slice("latents").get_shape()[0] == count and len(json.loads(f.metadata()["prompts"])) == count
+            return f.get_slice("latents").get_shape() == [count, *latent_shape] and len(json.loads(f.metadata()["prompts"])) == count
     except Exception:  # missing, truncated or not a safetensors file: (re)generate it
         return False
 
@@ -188,15 +193,19 @@ if todo:
             M.load_adapter(transformer, "teacher_" + t["name"], t["adapter"])
             loaded[t["name"]] = prompt_list
         prompt_list = loaded[t["name"]]
-        g = torch.Generator().manual_seed(M.sample_seed(seed, len(t["name"]), start, 1))
+        # Text embeddings differ in the last bits with the batch they were encoded in: encode each shard's
+        # prompts afresh, so that a shard regenerated alone (on resume, or by another rank) is the same.
+        pipe.text.cache.clear()
+        task = zlib.crc32(t["name"].encode())  # each teacher its own prompt draws and initial noise
+        g = torch.Generator().manual_seed(M.sample_seed(seed, task, start, 1))
         chosen = [prompt_list[i] for i in torch.randint(len(prompt_list), (count,), generator=g).tolist()]
         out = []
         with transformer.adapter("teacher_" + t["name"]):
-            for i in range(0, count, batch_size):
-                embeds, pooled = pipe.text.encode(chosen[i:i + batch_size])
+            for i in range(0, count, sample_batch_size):
+                embeds, pooled = pipe.text.encode(chosen[i:i + sample_batch_size])
                 n = len(embeds)
                 roll = M.rollout(transformer, embeds, pooled, neg[0].expand(n, -1, -1), neg[1].expand(n, -1), latent_shape,
-                                 [M.sample_seed(seed, start + i + j, 7) for j in range(n)], sample_steps, pipe.shift,
+                                 [M.sample_seed(seed, task, start + i + j, 7) for j in range(n)], sample_steps, pipe.shift,
                                  guidance, noise_level, sde=sample_sde, keep=False)
                 out.append(roll.latents[:, -1])
         write_shard(path, torch.cat(out), chosen)
@@ -216,8 +225,9 @@ if init == "scratch":
     M.init_weights_for_training_from_scratch(transformer, seed)
 start_step, state = 0, None
 ckpt = M.latest_checkpoint(out_dir) if resume else None
-if ckpt:
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+if ckpt:  # (numpy's array type allowed: checkpoints from before model.rng_state held tensors store numpy arrays)
+    with torch.serialization.safe_globals([np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]):
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     start_step = state["step"]
 if train == "lora":
     if ckpt:
@@ -227,12 +237,12 @@ if train == "lora":
     else:
         M.add_adapter(transformer, "student", lora_rank, lora_alpha, seed=seed)
     transformer.set_adapter("student")
-elif train == "full":
-    if ckpt:
-        M.load_official_state_dict(transformer, M.read_safetensors_folder(os.path.join(ckpt, "pipeline", "transformer")))
-    transformer.requires_grad_(True)
 else:
-    raise M.UserError(f"train must be lora or full, got {train!r}")
+    if ckpt:  # the trained weights: trained_transformer/ when the pipeline holds their EMA
+        trained = os.path.join(ckpt, "trained_transformer")
+        trained = trained if os.path.isdir(trained) else os.path.join(ckpt, "pipeline", "transformer")
+        M.load_official_state_dict(transformer, M.read_safetensors_folder(trained))
+    transformer.requires_grad_(True)
 transformer.train()
 transformer.gradient_checkpointing = gradient_checkpointing
 if dist.world > 1:
@@ -253,7 +263,7 @@ def schedule(step):
 
 
 
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt))
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_step, key="step")
 
 
 def save(step):
@@ -265,9 +275,12 @@ def save(step):
         if ema is not None:
             with ema.swapped():
                 pieces["ema"] = M.adapter_state(transformer, "student")
-    else:
-        with (ema.swapped() if ema is not None else torch.no_grad()):
-            pieces["transformer"] = {k: M._full(v).detach().cpu() for k, v in transformer.state_dict().items()}
+    else:  # copies: on the CPU .cpu() would be a view, turning back into the trained weights after the swap
+        whole = lambda: {k: M._full(v).detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
+        pieces["transformer"] = whole()
+        if ema is not None:
+            with ema.swapped():
+                pieces["ema_transformer"] = whole()
     opt_state = M.optimizer_state(transformer, optimizer)
     ema_state = ema.state_dict() if ema is not None else None
     if not dist.master:
@@ -278,20 +291,25 @@ def save(step):
             M.write_adapter(pieces["adapter"], os.path.join(folder, "adapter"), adapter_format, base_model=model)
             if "ema" in pieces:
                 M.write_adapter(pieces["ema"], os.path.join(folder, "ema"), adapter_format, base_model=model)
-        else:  # a complete pipeline folder: the trained transformer (EMA weights if kept) + the base's other parts
+        else:  # a complete pipeline folder: the trained transformer (EMA weights if kept) + the base's other parts;
+            # with an EMA, the trained weights also in trained_transformer/: --resume continues from them
             import shutil
             target = os.path.join(folder, "pipeline")
             shutil.copytree(pipe.path, target, ignore=shutil.ignore_patterns("transformer"))
             cpu = M.SD3Transformer(transformer.config)
-            cpu.load_state_dict({k: v for k, v in pieces["transformer"].items() if ".lora_" not in k}, strict=False)
+            cpu.load_state_dict(pieces.get("ema_transformer", pieces["transformer"]))
             M.save_transformer(cpu, os.path.join(target, "transformer"))
+            if "ema_transformer" in pieces:
+                cpu.load_state_dict(pieces["transformer"])
+                M.save_transformer(cpu, os.path.join(folder, "trained_transformer"))
         torch.save({"step": step, "optimizer": opt_state, "ema": ema_state, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
         json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
     M.save_checkpoint(out_dir, step, write, keep)
 
 
 # -- 3. flow-matching training (METHOD 1): x_s = (1 - s) x0 + s e, target e - x0 --------------------------
-assert len(latents) >= batch_size * dist.world, f"{len(latents)} pairs cannot fill a batch of {batch_size} x {dist.world} ranks"
+if len(latents) < batch_size * dist.world:
+    raise M.UserError(f"{len(latents)} training pairs cannot fill a batch of {batch_size} x {dist.world} ranks")
 empty = pipe.text.encode([""])
 per_epoch = len(latents) // (batch_size * dist.world)
 t0 = time.time()
@@ -301,11 +319,13 @@ for step in bar:
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(len(latents), generator=torch.Generator().manual_seed(M.sample_seed(seed, epoch)))
     idx = perm[(pos * dist.world + dist.rank) * batch_size:(pos * dist.world + dist.rank + 1) * batch_size]
-    g = torch.Generator().manual_seed(M.sample_seed(seed, step, dist.rank, 3))
+    # each pair's noise, noise level and prompt dropout from its own generator, seeded by (step, pair): the
+    # same draws on any number of ranks, so N ranks train exactly as one rank with N times the batch
+    gens = [torch.Generator().manual_seed(M.sample_seed(seed, step, i, 3)) for i in idx.tolist()]
     x0 = latents[idx].to(dist.device, torch.float32)
-    noise = torch.randn(x0.shape, generator=g).to(dist.device)
-    sigma = M.sample_timesteps(len(x0), g, timestep_density, logit_mean, logit_std, device=dist.device)
-    drop = torch.rand(len(x0), generator=g) < cfg_dropout
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dist.device)
+    sigma = torch.cat([M.sample_timesteps(1, g, timestep_density, logit_mean, logit_std) for g in gens]).to(dist.device)
+    drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < cfg_dropout
     embeds, pooled = pipe.text.encode([captions[i] for i in idx.tolist()])
     embeds = torch.where(drop[:, None, None].to(dist.device), empty[0], embeds)
     pooled = torch.where(drop[:, None].to(dist.device), empty[1], pooled)
@@ -313,8 +333,9 @@ for step in bar:
     x_s = (1 - s) * x0 + s * noise
     velocity = M.predict_velocity(transformer, x_s, sigma, embeds, pooled)
     loss = M.flow_matching_loss(velocity, x0, noise, sigma)
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"non-finite loss at step {step}: lower --lr or check the data (no checkpoint written)")
+    loss_value = M.all_reduce_mean(loss.detach()).item()  # every rank sees a NaN anywhere, so all stop together
+    if not math.isfinite(loss_value):
+        raise M.UserError(f"non-finite loss at step {step + 1}: lower --lr or check the data (no checkpoint written for it)")
     for group in optimizer.param_groups:
         group["lr"] = lr * schedule(step)
     optimizer.zero_grad(set_to_none=True)
@@ -323,7 +344,6 @@ for step in bar:
     optimizer.step()
     if ema is not None:
         ema.update(step)
-    loss_value = M.all_reduce_mean(loss.detach()).item()
     bar.set_postfix(loss=f"{loss_value:.4f}")
     log.write({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr * schedule(step),
                "epoch": epoch, "seconds": time.time() - t0})

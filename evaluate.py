@@ -272,7 +272,7 @@ def aggregate_column(rows, column, kind):
     mean, ci, _ = mean_ci(values)
     if kind == "mean":
         return {"value": mean, "ci95": ci, "n": len(values)}
-    # GenEval (REWARDS.md 1.7): per-tag accuracy over that tag's images, overall = unweighted mean of the T
+    # GenEval (docs/reward_spec.md 1.7): per-tag accuracy over that tag's images, overall = unweighted mean of the T
     # tags, so var(overall) = sum_t var(mean_t) / T^2 (tags are independent samples)
     overall = rewards.geneval_aggregate([{"tag": r["tag"], "correct": v} for r, v in zip(rows, values)])
     tags = [t for t in rewards.GENEVAL_TAGS if t in overall] + sorted(t for t in overall if t not in rewards.GENEVAL_TAGS + ["overall"])

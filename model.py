@@ -1284,8 +1284,9 @@ def sample_timesteps(n, generator, density="logit_normal", mean=0.0, std=1.0, sh
 
 def flow_matching_loss(velocity, latents, noise, sigma):
     """METHOD 1: E || v_theta(x_s, s, c) - (e - x0) ||^2 with x_s = (1 - s) x0 + s e (the caller built x_s
-    from the same latents, noise and sigma); mean over elements and the batch."""
-    return ((_f32(velocity) - (noise - latents).float()) ** 2).mean()
+    from the same latents, noise and sigma); mean over elements and the batch. At least float32, like the
+    velocity: the target is not rounded to float32 when the inputs are float64 (the reference tests)."""
+    return ((_f32(velocity) - (_f32(noise) - _f32(latents))) ** 2).mean()
 
 
 def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):

@@ -12,6 +12,7 @@ on every kept step with the clipped ratio objective plus a KL penalty to the bas
 """
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -83,6 +84,16 @@ if samples_per_iter % (dist.world * batch_size):
 num_batches = samples_per_iter // (dist.world * batch_size)  # sampling (= training) batches per rank and iteration
 if num_batches % optimizer_steps_per_iter:
     raise M.UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
+# Groups tile the sampling steps (the reference sampler's rule): a step of world x batch_size images holds
+# whole groups, or a group fills whole steps. Each optimizer step then sees whole groups, whose advantages
+# are centred, never a part of one.
+step_images = dist.world * batch_size
+if step_images % group_size and group_size % step_images:
+    raise M.UserError(f"group_size {group_size} does not divide the sampling batch of {dist.world} ranks x batch_size "
+                      f"{batch_size} = {step_images} images (nor is a multiple of it); change batch_size or group_size")
+if (samples_per_iter // optimizer_steps_per_iter) % group_size:
+    raise M.UserError(f"optimizer_steps_per_iter {optimizer_steps_per_iter} splits the iteration's groups of {group_size}; "
+                      f"each optimizer step must see whole groups")
 try:
     prompt_list, metadata_list = rewards.load_prompts(prompts)
     reward_fn = rewards.get_reward(reward, device=dist.device, **reward_kwargs)
@@ -121,7 +132,7 @@ if state is not None:
 skipped = state["skipped"] if state else 0
 optimizer_step = state["optimizer_step"] if state else 0
 negative = pipe.text.encode([""])
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt))
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_iter, key="iteration")
 reward_thread = ThreadPoolExecutor(1)  # scores batch b while batch b + 1 samples
 
 
@@ -142,6 +153,10 @@ def save(iteration):
                         "optimizer_step": optimizer_step, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
             json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
         M.save_checkpoint(out_dir, iteration, write, keep)
+
+
+def save_due(iteration):
+    return (iteration + 1) % save_every == 0 or iteration + 1 == iterations
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -168,19 +183,21 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     times["sampling"] = time.time() - t0
     t1 = time.time()
     # 2. rewards -> advantages (METHOD 3.3): gathered over ranks, grouped by prompt, clipped
-    finite = True
     try:
         local = torch.stack([f.result()[0] for f in futures]).to(dist.device)  # (num_batches, batch_size)
-    except FloatingPointError as e:  # NaN/inf from the reward model: skip the whole iteration on every rank
-        local, finite = torch.full((num_batches, batch_size), float("nan"), device=dist.device), False
-        print(f"warning: iteration {iteration}: {e}")
+    except FloatingPointError as e:  # the reward model's own check: NaN on this rank, so every rank skips
+        local = torch.full((num_batches, batch_size), float("nan"), device=dist.device)
+        print(f"warning: rank {dist.rank}: {e}", file=sys.stderr)
     gathered = M.all_gather(local[None]).cpu()  # (world, num_batches, batch_size)
     times["reward"] = time.time() - t1
-    if not torch.isfinite(gathered).all():
+    if not torch.isfinite(gathered).all():  # never step on NaN: skip the iteration, checkpoints stay on schedule
         skipped += 1
         if dist.master:
-            print(f"warning: non-finite rewards in iteration {iteration}; skipped it ({skipped} so far), no update")
-        log.write({"iteration": iteration + 1, "skipped": skipped})
+            print(f"warning: non-finite rewards in iteration {iteration + 1}; skipped it ({skipped} so far), no update",
+                  file=sys.stderr)
+        log.write({"iteration": iteration + 1, "skipped": skipped, "optimizer_step": optimizer_step})
+        if save_due(iteration):
+            save(iteration + 1)
         continue
     all_rewards = gathered.permute(1, 0, 2).reshape(-1)  # back in global sample order
     advantages, zero_std = M.group_advantages(all_rewards, order, global_std, adv_clip)
@@ -213,7 +230,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                         ema_weights.update(optimizer_step - 1)
                 else:
                     skipped += 1
-                    print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
+                    print(f"warning: non-finite gradient norm at iteration {iteration + 1}; update skipped", file=sys.stderr)
                 optimizer.zero_grad(set_to_none=True)
     times["training"] = time.time() - t2
     # 4. log, checkpoint, grid
@@ -227,7 +244,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     if dist.master:
         tqdm.write(f"iter {iteration + 1}: reward {record['reward_mean']:.3f} kl {record['kl']:.2e} clipfrac "
                    f"{record['clipfrac']:.2f} ratio[0] {record['first_ratio_mean']:.6f} {record['images_per_s']:.1f} img/s")
-    if (iteration + 1) % save_every == 0 or iteration + 1 == iterations:
+    if save_due(iteration):
         save(iteration + 1)
     if dist.master and ((iteration + 1) % grid_every == 0 or iteration + 1 == iterations):
         shown = list(range(0, batch_size, max(1, batch_size // 16)))[:16]
