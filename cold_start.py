@@ -89,8 +89,9 @@ TOY_TEACHERS = [
 ]
 PRESETS = {
     "toy": dict(model="toy/base", teachers=TOY_TEACHERS, out_dir="runs/toy/cold_start", data_dir="runs/toy/sft_data",
-                samples_per_teacher=512, shard_size=128, sample_batch_size=64, sample_steps=10, resolution=32, t5_length=12, lora_rank=8,
-                lora_alpha=8.0, steps=300, batch_size=64, lr=1e-3, warmup=20, save_every=100, grid_every=100, dtype="float32"),
+                samples_per_teacher=512, shard_size=128, sample_batch_size=64, sample_steps=10, resolution=32, t5_length=12,
+                lora_rank=8, lora_alpha=8.0, steps=300, batch_size=64, lr=1e-3, warmup=20, save_every=100, grid_every=100,
+                dtype="float32"),
     # the toy world's base model: pre-training from scratch on rendered scenes (see toyworld.py `base`)
     "toy_pretrain": dict(model="runs/toy/skeleton", images="runs/toy/pretrain_data", data_dir="runs/toy/pretrain_latents",
                          init="scratch", train="full", out_dir="runs/toy/pretrain", resolution=32, t5_length=12,
@@ -100,7 +101,8 @@ PRESETS = {
     "sd35_merge": dict(mode="merge"),
 }
 config = M.configure(globals(), PRESETS)
-for key, value, choices in (("mode", mode, ("sft", "merge")), ("init", init, ("base", "scratch")), ("train", train, ("lora", "full"))):
+for key, value, choices in (("mode", mode, ("sft", "merge")), ("init", init, ("base", "scratch")),
+                            ("train", train, ("lora", "full"))):
     if value not in choices:
         raise M.UserError(f"{key} must be {' or '.join(choices)}, got {value!r}")
 if mode == "merge" and (merge_naive and merge_rank):
@@ -146,7 +148,8 @@ os.makedirs(data_dir, exist_ok=True)
 def shard_is_valid(path, count):
     try:  # the latent shape too: a cache made at another resolution is remade, not trained on
         with safe_open(path, framework="pt") as f:
-            return f.get_slice("latents").get_shape() == [count, *latent_shape] and len(json.loads(f.metadata()["prompts"])) == count
+            return (f.get_slice("latents").get_shape() == [count, *latent_shape]
+                    and len(json.loads(f.metadata()["prompts"])) == count)
     except Exception:  # missing, truncated or not a safetensors file: (re)generate it
         return False
 
@@ -193,9 +196,7 @@ if todo:
             M.load_adapter(transformer, "teacher_" + t["name"], t["adapter"])
             loaded[t["name"]] = prompt_list
         prompt_list = loaded[t["name"]]
-        # Text embeddings differ in the last bits with the batch they were encoded in: encode each shard's
-        # prompts afresh, so that a shard regenerated alone (on resume, or by another rank) is the same.
-        pipe.text.cache.clear()
+        pipe.text.clear()  # each shard's prompts encoded afresh: a shard regenerated alone (resume, other rank) is the same
         task = zlib.crc32(t["name"].encode())  # each teacher its own prompt draws and initial noise
         g = torch.Generator().manual_seed(M.sample_seed(seed, task, start, 1))
         chosen = [prompt_list[i] for i in torch.randint(len(prompt_list), (count,), generator=g).tolist()]
@@ -225,9 +226,8 @@ if init == "scratch":
     M.init_weights_for_training_from_scratch(transformer, seed)
 start_step, state = 0, None
 ckpt = M.latest_checkpoint(out_dir) if resume else None
-if ckpt:  # (numpy's array type allowed: checkpoints from before model.rng_state held tensors store numpy arrays)
-    with torch.serialization.safe_globals([np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]):
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+if ckpt:
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     start_step = state["step"]
 if train == "lora":
     if ckpt:
@@ -275,8 +275,9 @@ def save(step):
         if ema is not None:
             with ema.swapped():
                 pieces["ema"] = M.adapter_state(transformer, "student")
-    else:  # copies: on the CPU .cpu() would be a view, turning back into the trained weights after the swap
-        whole = lambda: {k: M._full(v).detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
+    else:
+        def whole():  # copies: on the CPU .cpu() is a view, which would turn back into the trained weights after the swap
+            return {k: M._full(v).detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
         pieces["transformer"] = whole()
         if ema is not None:
             with ema.swapped():

@@ -829,6 +829,11 @@ class TextEncoders:
                 self.cache_bytes -= sum(t.numel() * t.element_size() for t in self.cache.pop(next(iter(self.cache))))
         return torch.stack([e for e, _ in found]), torch.stack([q for _, q in found])
 
+    def clear(self):
+        """Forget the cached embeddings. An embedding differs in its last bits with the batch it was encoded
+        in, so after clear() an encoding depends only on the prompts of the call that makes it."""
+        self.cache, self.cache_bytes = {}, 0
+
     def offload(self):
         for enc in self.encoders:
             if enc is not None:
@@ -1484,8 +1489,11 @@ def optimizer_state(model, optimizer):
 
 
 def load_optimizer_state(model, optimizer, state):
+    """strict=False: AdamW creates a parameter's state at its first gradient, and some trainable parameters
+    never get one (the last block's norm_added_q: its text queries are unused), so a saved state lacks them.
+    Loaded without state, they stay as they were: untouched."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def rng_state():
