@@ -164,6 +164,7 @@ M.seed_everything(seed)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
 transformer = pipe.transformer
 latent_shape = pipe.latent_shape(resolution)
+per_sample = torch.arange(batch_size, device=dist.device)  # x[per_sample, j]: each sample's state at its own step j
 sigmas = M.sigma_schedule(num_steps, pipe.shift).to(dist.device)
 stds = M.sde_std(sigmas[:-1], sigmas[1], noise_level).to(dist.device)  # std(s_j) of every step
 trained = list(range(min(num_steps - 1, int(num_steps * timestep_fraction))))  # candidate (SDE) steps
@@ -215,11 +216,12 @@ if state is not None:
 skipped = state["skipped"] if state else 0
 optimizer_step = state["optimizer_step"] if state else 0
 negative = pipe.text.encode([""])
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt))
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_iter, key="iteration")
 # one base copy (METHOD 6): the teachers, the anchor and the student add only their LoRA parameters
 sizes = {"base": sum(p.numel() for n, p in transformer.named_parameters() if ".lora_" not in n),  # global sizes, also of DTensors
          **{a: sum(p.numel() for p in transformer.adapter_parameters(a)) for a in transformer.adapter_names()}}
-log.write({"iteration": start_iter, "parameters": sizes})
+if not ckpt:
+    log.write({"iteration": 0, "parameters": sizes})
 
 
 def transition(adapter, x, j, cond, neg, cfg, grad=False):
@@ -252,22 +254,8 @@ def quick_eval(adapter):
 
 
 def save(iteration):
-    adapter = M.adapter_state(transformer, "student")
-    ema_adapter = None
-    if ema_weights is not None:
-        with ema_weights.swapped():
-            ema_adapter = M.adapter_state(transformer, "student")
-    opt_state = M.optimizer_state(transformer, optimizer)
-    ema_state = ema_weights.state_dict() if ema_weights is not None else None
-    if dist.master:
-        def write(folder):
-            M.write_adapter(adapter, os.path.join(folder, "adapter"), "peft", base_model=model)
-            if ema_adapter is not None:
-                M.write_adapter(ema_adapter, os.path.join(folder, "ema"), "peft", base_model=model)
-            torch.save({"iteration": iteration, "optimizer": opt_state, "ema": ema_state, "skipped": skipped,
-                        "optimizer_step": optimizer_step, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
-            json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
-        M.save_checkpoint(out_dir, iteration, write, keep)
+    M.save_lora_checkpoint(out_dir, iteration, transformer, "student", optimizer, ema_weights,
+                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep)
 
 
 reference_scores = {}
@@ -316,14 +304,14 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             batch["target"], batch["anchor"], kls, kls_anchor = [], [], [], []
             for slot in range(slots):
                 j = batch["steps"][:, slot]
-                x = roll.latents[torch.arange(batch_size), j]
+                x = roll.latents[per_sample, j]
                 if objective != "grpo_mix":
                     target = M.routed_mean(transformer, ["teacher_" + n for n in names], alpha, x, sigmas[j], sigmas[j + 1],
                                            sigmas[1], noise_level, cond, neg, teacher_guidance, collective=dist.world > 1)
                     anchor_mean, step_std, _ = transition("anchor" if anchor else None, x, j, cond, neg, teacher_guidance)
                     batch["target"].append(target)
                     batch["anchor"].append(anchor_mean)
-                    old_mean = roll.means[torch.arange(batch_size), j]
+                    old_mean = roll.means[per_sample, j]
                     kls.append(divergence(old_mean, target, step_std, j))
                     kls_anchor.append(divergence(old_mean, anchor_mean, step_std, j))
             if kls:  # (batch, slots): the sampling student's divergence from its teachers and from the anchor
@@ -371,12 +359,12 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         roll, cond, neg = batch["roll"], batch["cond"], batch["neg"]
         for slot in range(slots):
             j = batch["steps"][:, slot]
-            x, x_next = roll.latents[torch.arange(batch_size), j], roll.latents[torch.arange(batch_size), j + 1]
+            x, x_next = roll.latents[per_sample, j], roll.latents[per_sample, j + 1]
             mean, step_std, _ = transition("student", x, j, cond, neg, guidance, grad=True)
             loss, s = torch.zeros((), device=dist.device), {}
             if objective in ("pg", "grpo_mix"):
                 log_prob = M.gaussian_log_prob(x_next, mean, step_std)
-                policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[torch.arange(batch_size), j], advantages[b, :, slot], clip_range)
+                policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[per_sample, j], advantages[b, :, slot], clip_range)
                 loss = loss + policy_loss
             if objective != "grpo_mix":
                 to_teacher = divergence(mean, batch["target"][slot], step_std, j)

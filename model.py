@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+
+import kernels as K  # fused CUDA ops with plain PyTorch twins; off unless FLOWOPD_KERNELS=1
 from safetensors.torch import load_file, save_file
 
 
@@ -147,15 +149,17 @@ class Linear(nn.Linear):
         name = self.active
         if name is None or name not in self.lora_A:
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = F.linear(x.to(A.dtype), A)  # (..., parts * r)
+        # in the activations' dtype (bf16 on GPUs), as FSDP's mixed precision casts them: the same numerics
+        # on one device and under FSDP; the fp32 weights stay the optimizer's master copy
+        A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        h = F.linear(x, A)  # (..., parts * r)
         if self.parts == 1:
             delta = F.linear(h, B[0])
         else:  # block-diagonal B: part i of the output sees only part i of h
             lead = h.shape[:-1]
             h = h.reshape(-1, self.parts, B.shape[-1]).transpose(0, 1)  # (parts, N, r)
             delta = torch.bmm(h, B.transpose(1, 2)).transpose(0, 1).reshape(*lead, -1)
-        return y + (self.lora_scale[name] * delta).to(y.dtype)
+        return y + self.lora_scale[name] * delta
 
 
 class RMSNorm(nn.Module):
@@ -165,7 +169,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return K.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -221,7 +225,7 @@ class FeedForward(nn.Module):
         self.net[0].proj = Linear(dim, dim * mult)
 
     def forward(self, x):
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](K.gelu_tanh(self.net[0].proj(x)))
 
 
 class AdaLN(nn.Module):
@@ -256,23 +260,22 @@ class JointBlock(nn.Module):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = self.norm1(temb_silu)
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb_silu)
-        x_normed = _layer_norm(x)
-        c_normed = _layer_norm(c)
+        # K.modulate(x, scale, shift) = LayerNorm(x) * (1 + scale) + shift; K.gated_residual(x, g, y) = x + g * y
         if self.last:
             c_scale, c_shift = self.norm1_context(temb_silu)  # note: scale first in AdaLayerNormContinuous
-            c_mod = c_normed * (1 + c_scale) + c_shift
+            c_mod = K.modulate(c, c_scale, c_shift)
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb_silu)
-            c_mod = c_normed * (1 + c_scale_msa) + c_shift_msa
-        x_attn, c_attn = self.attn(x_normed * (1 + scale_msa) + shift_msa, c_mod)
-        x = x + gate_msa * x_attn
-        if self.dual_attention:
-            x = x + gate_msa2 * self.attn2(x_normed * (1 + scale_msa2) + shift_msa2)
-        x = x + gate_mlp * self.ff(_layer_norm(x) * (1 + scale_mlp) + shift_mlp)
+            c_mod = K.modulate(c, c_scale_msa, c_shift_msa)
+        x_attn, c_attn = self.attn(K.modulate(x, scale_msa, shift_msa), c_mod)
+        x_in, x = x, K.gated_residual(x, gate_msa, x_attn)
+        if self.dual_attention:  # SD3.5's attn2 sees the block's input, modulated by its own shift and scale
+            x = K.gated_residual(x, gate_msa2, self.attn2(K.modulate(x_in, scale_msa2, shift_msa2)))
+        x = K.gated_residual(x, gate_mlp, self.ff(K.modulate(x, scale_mlp, shift_mlp)))
         if self.last:
             return x, None
-        c = c + c_gate_msa * c_attn
-        c = c + c_gate_mlp * self.ff_context(_layer_norm(c) * (1 + c_scale_mlp) + c_shift_mlp)
+        c = K.gated_residual(c, c_gate_msa, c_attn)
+        c = K.gated_residual(c, c_gate_mlp, self.ff_context(K.modulate(c, c_scale_mlp, c_shift_mlp)))
         return x, c
 
 
@@ -372,7 +375,7 @@ class SD3Transformer(nn.Module):
             else:
                 x, c = block(x, c, temb_silu)
         scale, shift = self.norm_out(temb_silu)
-        x = self.proj_out(_layer_norm(x) * (1 + scale) + shift)
+        x = self.proj_out(K.modulate(x, scale, shift))
         p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
         x = x.reshape(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify
         return x.reshape(B, self.out_channels, H, W)
@@ -1160,7 +1163,7 @@ def rollout(transformer, embeds, pooled, neg_embeds, neg_pooled, latent_shape, s
         v = predict_velocity(transformer, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance)
         if j < sde_steps:
             noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in gens])
-            x, lp, mean, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)
+            x, lp, mean, _ = K.sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)  # sde_step's twin
         else:
             x = mean = ode_step(x, v, sigmas[j], sigmas[j + 1])
             lp = torch.zeros(len(x), device=device)
@@ -1472,6 +1475,27 @@ def save_checkpoint(out_dir, step, write, keep=3):
     for old in done[:-keep] if keep else []:
         shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     return final
+
+
+def save_lora_checkpoint(out_dir, step, transformer, adapter, optimizer, ema, counters, config, base_model, keep=3):
+    """A LoRA run's checkpoint (train_teacher.py, distill.py): the adapter and its EMA as peft folders,
+    trainer_state.pt (optimizer, EMA shadows, the run's counters) and config.json. Under FSDP every rank
+    must call it (the gathers are collective); rank 0 writes, atomically (save_checkpoint)."""
+    pieces = {"adapter": adapter_state(transformer, adapter)}
+    if ema is not None:
+        with ema.swapped():
+            pieces["ema"] = adapter_state(transformer, adapter)
+    trainer = {**counters, "optimizer": optimizer_state(transformer, optimizer),
+               "ema": ema.state_dict() if ema is not None else None, "rng": rng_state()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+
+    def write(folder):
+        for name, state in pieces.items():
+            write_adapter(state, os.path.join(folder, name), "peft", base_model=base_model)
+        torch.save(trainer, os.path.join(folder, "trainer_state.pt"))
+        json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
+    save_checkpoint(out_dir, step, write, keep)
 
 
 def latest_checkpoint(out_dir):

@@ -137,22 +137,8 @@ reward_thread = ThreadPoolExecutor(1)  # scores batch b while batch b + 1 sample
 
 
 def save(iteration):
-    adapter = M.adapter_state(transformer, "policy")  # collective under FSDP: every rank joins
-    ema_adapter = None
-    if ema_weights is not None:
-        with ema_weights.swapped():
-            ema_adapter = M.adapter_state(transformer, "policy")
-    opt_state = M.optimizer_state(transformer, optimizer)
-    ema_state = ema_weights.state_dict() if ema_weights is not None else None
-    if dist.master:
-        def write(folder):
-            M.write_adapter(adapter, os.path.join(folder, "adapter"), "peft", base_model=model)
-            if ema_adapter is not None:
-                M.write_adapter(ema_adapter, os.path.join(folder, "ema"), "peft", base_model=model)
-            torch.save({"iteration": iteration, "optimizer": opt_state, "ema": ema_state, "skipped": skipped,
-                        "optimizer_step": optimizer_step, "rng": M.rng_state()}, os.path.join(folder, "trainer_state.pt"))
-            json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
-        M.save_checkpoint(out_dir, iteration, write, keep)
+    M.save_lora_checkpoint(out_dir, iteration, transformer, "policy", optimizer, ema_weights,
+                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep)
 
 
 def save_due(iteration):
