@@ -154,11 +154,7 @@ if eval_images > 0:
 # -- setup ---------------------------------------------------------------------------------------------------
 dist = M.setup_distributed(device or None)
 samples_per_iter = group_size * groups_per_iter
-if samples_per_iter % (dist.world * batch_size):
-    raise M.UserError(f"{groups_per_iter} groups x {group_size} images is not a multiple of {dist.world} ranks x batch_size {batch_size}")
-num_batches = samples_per_iter // (dist.world * batch_size)
-if num_batches % optimizer_steps_per_iter:
-    raise M.UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
+num_batches = M.batches_per_rank(group_size, groups_per_iter, batch_size, dist.world, optimizer_steps_per_iter)
 torch_dtype = getattr(torch, dtype)
 M.seed_everything(seed)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)

@@ -1392,6 +1392,27 @@ def sample_seed(*parts):
     return h >> 1
 
 
+def batches_per_rank(group_size, groups_per_iter, batch_size, world, optimizer_steps_per_iter):
+    """Sampling (= training) batches per rank and iteration, after checking that groups tile them: a
+    sampling step of world x batch_size images holds whole groups or a group fills whole steps (the
+    reference sampler's rule), and each optimizer step sees whole groups, whose advantages are centred."""
+    images = group_size * groups_per_iter
+    if images % (world * batch_size):
+        raise UserError(f"{groups_per_iter} groups x {group_size} images = {images} per iteration is not a multiple of "
+                        f"{world} ranks x batch_size {batch_size}; change batch_size or groups_per_iter")
+    num_batches = images // (world * batch_size)
+    if num_batches % optimizer_steps_per_iter:
+        raise UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
+    step_images = world * batch_size
+    if step_images % group_size and group_size % step_images:
+        raise UserError(f"group_size {group_size} does not divide the sampling batch of {world} ranks x batch_size "
+                        f"{batch_size} = {step_images} images (nor is a multiple of it); change batch_size or group_size")
+    if (images // optimizer_steps_per_iter) % group_size:
+        raise UserError(f"optimizer_steps_per_iter {optimizer_steps_per_iter} splits the iteration's groups of {group_size}; "
+                        f"each optimizer step must see whole groups")
+    return num_batches
+
+
 def draw_groups(num_prompts, weights, num_groups, seed, iteration):
     """The prompts of one iteration as (task, prompt index) pairs, one per group. The task of each group
     is drawn by `weights` (one task: all the same), the prompt without replacement within its task.

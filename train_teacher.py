@@ -78,22 +78,7 @@ config = M.configure(globals(), PRESETS)
 # -- setup: processes, data, reward, model ------------------------------------------------------------------
 dist = M.setup_distributed(device or None)
 samples_per_iter = group_size * groups_per_iter
-if samples_per_iter % (dist.world * batch_size):
-    raise M.UserError(f"{groups_per_iter} groups x {group_size} images = {samples_per_iter} per iteration is not a multiple of "
-                      f"{dist.world} ranks x batch_size {batch_size}; change batch_size or groups_per_iter")
-num_batches = samples_per_iter // (dist.world * batch_size)  # sampling (= training) batches per rank and iteration
-if num_batches % optimizer_steps_per_iter:
-    raise M.UserError(f"{num_batches} batches per rank cannot be split into {optimizer_steps_per_iter} optimizer steps")
-# Groups tile the sampling steps (the reference sampler's rule): a step of world x batch_size images holds
-# whole groups, or a group fills whole steps. Each optimizer step then sees whole groups, whose advantages
-# are centred, never a part of one.
-step_images = dist.world * batch_size
-if step_images % group_size and group_size % step_images:
-    raise M.UserError(f"group_size {group_size} does not divide the sampling batch of {dist.world} ranks x batch_size "
-                      f"{batch_size} = {step_images} images (nor is a multiple of it); change batch_size or group_size")
-if (samples_per_iter // optimizer_steps_per_iter) % group_size:
-    raise M.UserError(f"optimizer_steps_per_iter {optimizer_steps_per_iter} splits the iteration's groups of {group_size}; "
-                      f"each optimizer step must see whole groups")
+num_batches = M.batches_per_rank(group_size, groups_per_iter, batch_size, dist.world, optimizer_steps_per_iter)
 try:
     prompt_list, metadata_list = rewards.load_prompts(prompts)
     reward_fn = rewards.get_reward(reward, device=dist.device, **reward_kwargs)
