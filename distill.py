@@ -94,7 +94,7 @@ TOY_TASKS = [
 ]
 PRESETS = {
     "toy": dict(model="toy/base", tasks=TOY_TASKS, anchor="toy/teachers/quality", out_dir="runs/toy/distill", resolution=32,
-                t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, timestep_fraction=0.5,
+                t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, supervise="random_k", supervise_k=4,
                 lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False,
                 eval_images=64, eval_steps=20),
     "sd35": dict(),
@@ -164,8 +164,8 @@ per_sample = torch.arange(batch_size, device=dist.device)  # x[per_sample, j]: e
 sigmas = M.sigma_schedule(num_steps, pipe.shift).to(dist.device)
 stds = M.sde_std(sigmas[:-1], sigmas[1], noise_level).to(dist.device)  # std(s_j) of every step
 trained = list(range(min(num_steps - 1, int(num_steps * timestep_fraction))))  # candidate (SDE) steps
-if supervise == "low_noise":
-    trained = [j for j in trained if noise_range[0] <= sigmas[j].item() <= noise_range[1]]
+if supervise == "low_noise":  # any SDE step whose noise level is in range, whatever timestep_fraction says
+    trained = [j for j in range(num_steps - 1) if noise_range[0] <= sigmas[j].item() <= noise_range[1]]
     if not trained:
         raise M.UserError(f"no SDE step has a noise level in {noise_range}; levels: {[round(s, 3) for s in sigmas[:-2].tolist()]}")
 slots = {"all": len(trained), "random_k": min(supervise_k, len(trained)), "low_noise": 1}[supervise]

@@ -39,6 +39,7 @@ groups_per_iter = 48          # prompts per iteration, over all ranks
 batch_size = 9                # images per rank per forward: the sampling batch is the training batch
 optimizer_steps_per_iter = 2  # the reference accumulates half an iteration's batches per step
 timestep_fraction = 0.99      # train on int(T * fraction) steps: 9 of 10
+steps_per_iter = 0            # > 0: only k of those, drawn at random each iteration (cheaper, still unbiased)
 lr = 3e-4
 weight_decay = 1e-4
 clip_range = 1e-4
@@ -67,7 +68,7 @@ gradient_checkpointing = False
 PRESETS = {
     "toy": dict(model="toy/base", prompts="toy/prompts/composition_train.jsonl", reward="toy_composition",
                 out_dir="runs/toy/teacher_composition", resolution=32, t5_length=12, group_size=8, groups_per_iter=8,
-                batch_size=64, optimizer_steps_per_iter=1, timestep_fraction=0.5, lr=1e-3, lora_rank=8, lora_alpha=8.0,
+                batch_size=64, optimizer_steps_per_iter=1, steps_per_iter=4, lr=1e-3, lora_rank=8, lora_alpha=8.0,
                 kl_beta=0.02, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
     "sd35_geneval": dict(prompts="data/geneval_train.jsonl", reward="geneval", out_dir="runs/teacher_geneval"),
     "sd35_ocr": dict(prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_ocr"),
@@ -176,11 +177,15 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     # 3. training (METHOD 3.4): recompute each kept step's log-prob on the same batches
     t2 = time.time()
     transformer.train()
-    stats, per_step = [], len(trained_steps) * (num_batches // optimizer_steps_per_iter)
+    steps = trained_steps
+    if steps_per_iter:  # the same k steps for every batch of the iteration, the same on every rank
+        g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, 11))
+        steps = sorted(trained_steps[i] for i in torch.randperm(len(trained_steps), generator=g)[:steps_per_iter].tolist())
+    stats, per_step = [], len(steps) * (num_batches // optimizer_steps_per_iter)
     with transformer.adapter("policy"):
         for b, batch in enumerate(batches):
             roll = batch["roll"]
-            for j in trained_steps:
+            for j in steps:
                 x, x_next = roll.latents[:, j], roll.latents[:, j + 1]
                 mean, step_std, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
                                                         batch["cond"], batch["neg"], guidance)
