@@ -94,7 +94,7 @@ TOY_TASKS = [
 ]
 PRESETS = {
     "toy": dict(model="toy/base", tasks=TOY_TASKS, anchor="toy/teachers/quality", out_dir="runs/toy/distill", resolution=32,
-                t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, supervise="random_k", supervise_k=4,
+                t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, supervise="random_k", supervise_k=4, noise_level=0.3,
                 lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False,
                 eval_images=64, eval_steps=20),
     "sd35": dict(),

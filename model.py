@@ -1151,14 +1151,20 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(transformer, embeds, pooled, neg_embeds, neg_pooled, latent_shape, seeds, num_steps, shift, guidance,
-            noise_level=0.7, sde=True, keep=True):
+            noise_level=0.7, sde=True, keep=True, sde_steps=None, init_seeds=None):
     """Sample a batch (METHOD 2): SDE steps with their log-probs (sde=True), the final step and sde=False
-    (evaluation) by the ODE. keep=False keeps only the final latents (in .latents[:, -1])."""
+    (evaluation) by the ODE. sde_steps=k: only the first k steps by the SDE, the rest by the ODE (an SDE
+    window as in Flow-GRPO-Fast: steps that are not trained add no noise to the reward); default T - 1.
+    init_seeds: the starting noise from these seeds instead (one per group: the group's samples then
+    differ only by their SDE noise, the part of the randomness the log-probs credit, as in DanceGRPO).
+    keep=False keeps only the final latents (in .latents[:, -1])."""
     device = embeds.device
     sigmas = sigma_schedule(num_steps, shift).to(device)
     x, gens = sample_noise(latent_shape, seeds, device)
+    if init_seeds is not None:
+        x = sample_noise(latent_shape, init_seeds, device)[0]
     latents, log_probs, means = [x], [], []
-    sde_steps = num_steps - 1 if sde and noise_level > 0 else 0
+    sde_steps = min(num_steps - 1, num_steps - 1 if sde_steps is None else sde_steps) if sde and noise_level > 0 else 0
     for j in range(num_steps):
         v = predict_velocity(transformer, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance)
         if j < sde_steps:

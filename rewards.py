@@ -894,10 +894,16 @@ register_reward("toy_text_accuracy")(type("ToyTextAccuracy", (ToyReward,), {"tas
 
 @register_reward("brightness")
 class BrightnessReward(Reward):
-    """Mean pixel value in [0, 1]: the simplest programmatic reward, for smoke tests of the RL loop."""
+    """Mean pixel value in [0, 1] (invert=True: one minus it): the simplest programmatic reward, for smoke
+    tests of the RL loop; a run in each direction checks the sign of the update end to end."""
+
+    def __init__(self, device="cpu", dtype=torch.float32, batch_size=None, invert=False):
+        super().__init__(device, dtype, batch_size)
+        self.invert = invert
 
     def __call__(self, images, prompts, metadata=None):
-        return to_uint8(images).float().mean(dim=(1, 2, 3)) / 255, {}
+        value = to_uint8(images).float().mean(dim=(1, 2, 3)) / 255
+        return (1 - value if self.invert else value), {}
 
 
 # -----------------------------------------------------------------------------

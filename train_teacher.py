@@ -39,6 +39,8 @@ groups_per_iter = 48          # prompts per iteration, over all ranks
 batch_size = 9                # images per rank per forward: the sampling batch is the training batch
 optimizer_steps_per_iter = 2  # the reference accumulates half an iteration's batches per step
 timestep_fraction = 0.99      # train on int(T * fraction) steps: 9 of 10
+shared_init_noise = False     # True: one starting noise per group (DanceGRPO); only the SDE noise differs inside it
+sde_window = False            # True: the steps after the trained ones by the ODE (Flow-GRPO-Fast), a cleaner reward
 steps_per_iter = 0            # > 0: only k of those, drawn at random each iteration (cheaper, still unbiased)
 lr = 3e-4
 weight_decay = 1e-4
@@ -68,7 +70,7 @@ gradient_checkpointing = False
 PRESETS = {
     "toy": dict(model="toy/base", prompts="toy/prompts/composition_train.jsonl", reward="toy_composition",
                 out_dir="runs/toy/teacher_composition", resolution=32, t5_length=12, group_size=8, groups_per_iter=8,
-                batch_size=64, optimizer_steps_per_iter=1, steps_per_iter=4, lr=1e-3, lora_rank=8, lora_alpha=8.0,
+                batch_size=64, optimizer_steps_per_iter=1, steps_per_iter=4, noise_level=0.3, lr=1e-3, lora_rank=8, lora_alpha=8.0,
                 kl_beta=0.02, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
     "sd35_geneval": dict(prompts="data/geneval_train.jsonl", reward="geneval", out_dir="runs/teacher_geneval"),
     "sd35_ocr": dict(prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_ocr"),
@@ -148,7 +150,9 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             embeds, pooled = pipe.text.encode(batch_prompts)
             neg = (negative[0].expand(len(index), -1, -1), negative[1].expand(len(index), -1))
             roll = M.rollout(transformer, embeds, pooled, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
-                             num_steps, pipe.shift, guidance, noise_level)
+                             num_steps, pipe.shift, guidance, noise_level,
+                             sde_steps=len(trained_steps) if sde_window else None,
+                             init_seeds=[M.sample_seed(seed, iteration, 10 ** 7 + i // group_size) for i in index] if shared_init_noise else None)
             images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
             futures.append(reward_thread.submit(reward_fn, images, batch_prompts, [metadata_list[order[i]] for i in index]))
             batches.append(dict(index=index, prompts=batch_prompts, cond=(embeds, pooled), neg=neg, roll=roll, images=images))

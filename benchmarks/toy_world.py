@@ -10,7 +10,7 @@ reproduced by hand. A stage whose output exists is skipped (delete runs/toy/benc
   1. three single-reward Flow-GRPO teachers on the base (composition, text, quality)
   2. the student's two initialisations: SFT on the teachers' samples, and the exact merge of their LoRAs
   3. GRPO-Mix (scalar task rewards 3:1:1) and Flow-OPD variants (pg / gkd, with and without MAR, SFT or
-     merge init, and DanceOPD's single low-noise query)
+     merge init; DanceOPD is one distill.py flag set away: --objective=gkd --step_weight=uniform --supervise=low_noise)
   4. evaluate.py on every model: held-out prompts, strict metrics, 95% CIs, comparison grids
 """
 import json
@@ -44,8 +44,6 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
     ("opd_pg_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0"]),
     ("opd_pg_mar_merge", "distill.py", [*distill_common, f"--student_init={OUT}/merge/adapter"]),
     ("opd_gkd_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--objective=gkd"]),
-    ("danceopd", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--objective=gkd", "--step_weight=uniform",
-                                "--supervise=low_noise", "--noise_range=[0.0, 0.6]"]),
 ]
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}

@@ -321,6 +321,28 @@ def test_rollout_is_reproducible_per_sample(tiny):
         assert torch.equal(lp, r1.log_probs[:, j])
 
 
+
+def test_rollout_sde_window_and_shared_starting_noise(tiny):
+    pipe = M.load_pipeline(tiny, t5_length=8)
+    embeds, pooled = pipe.text.encode(["a", "a", "b"])
+    neg = pipe.text.encode([""] * 3)
+    args = dict(latent_shape=(4, 8, 8), num_steps=5, shift=3.0, guidance=4.5, noise_level=0.7)
+    full = M.rollout(pipe.transformer, embeds, pooled, *neg, seeds=[1, 2, 3], **args)
+    window = M.rollout(pipe.transformer, embeds, pooled, *neg, seeds=[1, 2, 3], sde_steps=2, **args)
+    # the first two steps are the same SDE draws, the rest are the deterministic ODE from there
+    assert window.sde_steps == 2 and (window.log_probs[:, 2:] == 0).all() and (window.log_probs[:, :2] != 0).all()
+    assert torch.equal(window.latents[:, :3], full.latents[:, :3])
+    x = window.latents[:, 2]
+    for j in range(2, 5):
+        v = M.predict_velocity(pipe.transformer, x, window.sigmas[j], embeds, pooled, *neg, 4.5)
+        x = M.ode_step(x, v, window.sigmas[j], window.sigmas[j + 1])
+    assert (x - window.latents[:, -1]).abs().max() <= 1e-5
+    # init_seeds: one starting noise per group, the SDE noise still each sample's own
+    shared = M.rollout(pipe.transformer, embeds, pooled, *neg, seeds=[1, 2, 3], init_seeds=[7, 7, 8], **args)
+    assert torch.equal(shared.latents[0, 0], shared.latents[1, 0]) and not torch.equal(shared.latents[0, 0], shared.latents[2, 0])
+    assert not torch.equal(shared.latents[0, 1], shared.latents[1, 1])  # same prompt, same start, other SDE noise
+    assert torch.equal(shared.latents[0, 0], M.sample_noise((4, 8, 8), [7], "cpu")[0][0])
+
 # ---- losses ----------------------------------------------------------------------------------------
 
 
