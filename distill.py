@@ -47,6 +47,9 @@ supervise_k = 1
 noise_range = [0.0, 0.5]     # low_noise: the noise levels s a supervised state may have
 kl_scale = -1.0              # pg: reward r_j = kl_scale * KL_j
 kl_norm = "none"             # pg: none | global | per_sample | per_timestep
+pg_reward = "closed_form"    # pg: closed_form = -KL_j (METHOD 5.4; a function of x_j alone, so its own step's
+                             # score-function gradient has zero mean) | sampled = -(log p(x_j+1) - log p_T(x_j+1))
+                             # at the step taken (mean -KL_j; docs/toy_results.md)
 monitor_rewards = True       # pg/gkd: also score the samples with each task's reward (logging only)
 teacher_guidance = 4.5       # CFG of the teachers' and the anchor's velocities
 resolution = 512
@@ -106,6 +109,8 @@ config = M.configure(globals(), PRESETS)
 # -- checks that need no model: a bad task list fails before any compute --------------------------------
 if objective not in ("pg", "gkd", "grpo_mix"):
     raise M.UserError(f"objective must be pg, gkd or grpo_mix, got {objective!r}")
+if pg_reward not in ("closed_form", "sampled") or (pg_reward == "sampled" and step_weight != "exact"):
+    raise M.UserError(f"pg_reward must be closed_form or sampled (the latter with step_weight=exact), got {pg_reward!r}")
 if supervise not in ("all", "random_k", "low_noise"):
     raise M.UserError(f"supervise must be all, random_k or low_noise, got {supervise!r}")
 names = [t["name"] for t in tasks]
@@ -293,11 +298,11 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
 
     # 2. labels (METHOD 5.2-5.3): routed teacher means, anchor means, and the pg rewards -KL_j
     t1 = time.time()
-    local_kl, local_kl_anchor = [], []
+    local_kl, local_kl_anchor, local_pg = [], [], []
     with torch.no_grad():
         for batch in batches:
             roll, cond, neg, alpha = batch["roll"], batch["cond"], batch["neg"], route.to(dist.device)[batch["task"]]
-            batch["target"], batch["anchor"], kls, kls_anchor = [], [], [], []
+            batch["target"], batch["anchor"], kls, kls_anchor, pg_kls = [], [], [], [], []
             for slot in range(slots):
                 j = batch["steps"][:, slot]
                 x = roll.latents[per_sample, j]
@@ -309,9 +314,13 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                     batch["anchor"].append(anchor_mean)
                     old_mean = roll.means[per_sample, j]
                     kls.append(divergence(old_mean, target, step_std, j))
+                    if pg_reward == "sampled":  # the estimate at the step taken, in the same KL convention
+                        scale = (sigmas[j] - sigmas[j + 1]).abs() if kl_convention == "reference" else 1.0
+                        pg_kls.append(M.sampled_kl(roll.latents[per_sample, j + 1], old_mean, target, step_std) * scale)
                     kls_anchor.append(divergence(old_mean, anchor_mean, step_std, j))
             if kls:  # (batch, slots): the sampling student's divergence from its teachers and from the anchor
                 local_kl.append(torch.stack(kls, 1))
+                local_pg.append(torch.stack(pg_kls or kls, 1))
                 local_kl_anchor.append(torch.stack(kls_anchor, 1))
     times["labels"] = time.time() - t1
 
@@ -342,8 +351,9 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         advantages = adv.view(num_batches, dist.world, batch_size)[:, dist.rank].to(dist.device)[..., None].expand(-1, -1, slots)
     else:
         kl_all = M.all_gather(torch.stack(local_kl)[None])  # (world, num_batches, batch, slots)
+        pg_all = M.all_gather(torch.stack(local_pg)[None]) if pg_reward == "sampled" else kl_all
         steps_all = M.all_gather(torch.stack([b["steps"] for b in batches])[None])
-        adv = M.kl_advantages(kl_all.flatten(0, 2), steps_all.flatten(0, 2), kl_scale, kl_norm, adv_clip)
+        adv = M.kl_advantages(pg_all.flatten(0, 2), steps_all.flatten(0, 2), kl_scale, kl_norm, adv_clip)
         advantages = adv.view(dist.world, num_batches, batch_size, slots)[dist.rank]
 
     # 4. training (METHOD 5.4-5.5): pg = clipped surrogate with the dense rewards; gkd = the KL itself;

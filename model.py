@@ -1229,6 +1229,14 @@ def transition_kl(mean_a, mean_b, step_std, dt, convention="exact"):
     raise ValueError(f"kl convention must be 'exact' or 'reference', got {convention!r}")
 
 
+def sampled_kl(x_next, mean_a, mean_b, step_std):
+    """The one-sample estimate of KL(N(mean_a) || N(mean_b)) at the transition actually taken,
+    log N(x_next; mean_a) - log N(x_next; mean_b) with x_next ~ N(mean_a, step_std^2): its mean over x_next is the
+    exact transition_kl, and unlike it it depends on x_next, so a policy gradient credited to that step has a
+    non-zero mean (the pg reward -KL_j in closed form is a function of x_j only). Mean over latent elements."""
+    return gaussian_log_prob(x_next, mean_a, step_std) - gaussian_log_prob(x_next, mean_b, step_std)
+
+
 def velocity_mse_from_means(mean_a, mean_b, sigma, sigma_next, std):
     """||v_a - v_b||^2 (mean over elements) of two transitions from the same state: the SDE mean is affine
     in v with slope (1 + std^2 (1 - s) / (2 s)) dt, so the velocities' distance follows from the means'."""

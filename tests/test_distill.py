@@ -210,7 +210,8 @@ def test_routing_uses_each_samples_teacher_and_blends_softly(world):
 
 @pytest.mark.parametrize("objective", ["pg", "gkd", "grpo_mix"])
 def test_script_runs_each_objective(world, tmp_path, objective):
-    extra = {"supervise": "low_noise", "step_weight": "uniform", "noise_range": [0.0, 0.9]} if objective == "gkd" else {}
+    extra = {"gkd": {"supervise": "low_noise", "step_weight": "uniform", "noise_range": [0.0, 0.9]},
+             "pg": {"pg_reward": "sampled"}}.get(objective, {})
     _run(_args(world, tmp_path, objective=objective, iterations=1, **extra))
     log = _log(tmp_path)
     sizes = log[0]["parameters"]
@@ -259,6 +260,7 @@ def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
     ({"routing": {"text": {"nope": 1.0}}}, "unknown teacher task 'nope'"),
     ({"routing": {"text": {"text": 0.0}}}, "sum to a positive number"),
     ({"objective": "ppo"}, "objective must be"),
+    ({"pg_reward": "sampled", "step_weight": "uniform"}, "pg_reward must be"),
     ({"anchor": "/nowhere/adapter"}, "not found"),
 ])
 def test_bad_input_fails_before_compute(world, tmp_path, over, message):
