@@ -1,0 +1,71 @@
+"""Every stage on the committed toy world (toy/base, toy/teachers, toy/prompts), shortened: the same presets
+a user runs with no arguments, with fewer iterations and images so the whole file takes about a minute."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import rewards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["composition", "text", "quality"]
+
+
+def _run(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_committed_toy_world_loads():
+    pipe = M.load_pipeline(os.path.join(REPO, "toy", "base"), t5_length=12)
+    assert pipe.latent_shape(32) == (12, 16, 16) and pipe.transformer.config["dual_attention_layers"] == [0, 1]
+    for task in TASKS:
+        state, _ = M.read_adapter(os.path.join(REPO, "toy", "teachers", task))
+        assert any(B.abs().max() > 0 for _, B, _ in state.values())  # trained, not a fresh adapter
+    for task, ext in zip(TASKS, ("jsonl", "txt", "txt")):
+        for split in ("train", "test"):
+            prompts, _ = rewards.load_prompts(os.path.join(REPO, "toy", "prompts", f"{task}_{split}.{ext}"))
+            assert prompts
+
+
+def test_teacher_stage(tmp_path):
+    _run("train_teacher.py", f"--out_dir={tmp_path}", "--groups_per_iter=2", "--batch_size=16", "--iterations=1",
+         "--steps_per_iter=1")
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log[-1]["first_ratio_mean"] == 1.0 and 0 <= log[-1]["reward_mean"] <= 1
+
+
+def test_cold_start_stages(tmp_path):
+    _run("cold_start.py", f"--out_dir={tmp_path / 'sft'}", f"--data_dir={tmp_path / 'data'}", "--samples_per_teacher=8",
+         "--shard_size=8", "--sample_steps=4", "--steps=2", "--batch_size=8", "--save_every=2", "--grid_every=2")
+    assert M.read_adapter(str(tmp_path / "sft"))[0]
+    _run("cold_start.py", "--mode=merge", f"--out_dir={tmp_path / 'merge'}")
+    merged, _ = M.read_adapter(str(tmp_path / "merge" / "adapter"))
+    teachers = [M.read_adapter(os.path.join(REPO, "toy", "teachers", t))[0] for t in TASKS]
+    w = torch.tensor([3.0, 1.0, 1.0]) / 5
+    for module, delta in M.adapter_delta(merged).items():  # the exact merge: the 3:1:1 average of the deltas
+        expected = sum(wk * M.adapter_delta({module: t[module]})[module] for wk, t in zip(w.double(), teachers))
+        assert (delta - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("objective", ["pg", "grpo_mix"])
+def test_distill_stage(tmp_path, objective):
+    out = _run("distill.py", f"--out_dir={tmp_path}", f"--objective={objective}", "--groups_per_iter=2", "--batch_size=16",
+               "--iterations=1", "--supervise_k=1", "--eval_images=8", "--eval_steps=4")
+    assert "| composition |" in out  # the student next to its teachers, per task
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert set(summary["student"]) == set(TASKS)
+
+
+def test_evaluate_stage(tmp_path):
+    _run("evaluate.py", f"--out_dir={tmp_path}", "--max_prompts=2", "--num_steps=4",
+         "--models={'base': '', 'teacher_text': 'toy/teachers/text'}")
+    results = json.load(open(tmp_path / "results.json"))
+    assert os.path.isfile(tmp_path / "results.md") and os.path.isfile(tmp_path / "grid_toy_composition.png")
+    assert set(results["results"]) == {"base", "teacher_text"}
