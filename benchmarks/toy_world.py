@@ -44,6 +44,7 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
     ("opd_pg_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0"]),
     ("opd_pg_mar_merge", "distill.py", [*distill_common, f"--student_init={OUT}/merge/adapter"]),
     ("opd_gkd_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--objective=gkd"]),
+    ("opd_pg_sampled_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0", "--pg_reward=sampled"]),
 ]
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
