@@ -315,12 +315,13 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                     old_mean = roll.means[per_sample, j]
                     kls.append(divergence(old_mean, target, step_std, j))
                     if pg_reward == "sampled":  # the estimate at the step taken, in the same KL convention
-                        scale = (sigmas[j] - sigmas[j + 1]).abs() if kl_convention == "reference" else 1.0
-                        pg_kls.append(M.sampled_kl(roll.latents[per_sample, j + 1], old_mean, target, step_std) * scale)
+                        pg_kls.append(M.sampled_kl(roll.latents[per_sample, j + 1], old_mean, target, step_std,
+                                                   sigmas[j + 1] - sigmas[j], kl_convention))
                     kls_anchor.append(divergence(old_mean, anchor_mean, step_std, j))
             if kls:  # (batch, slots): the sampling student's divergence from its teachers and from the anchor
                 local_kl.append(torch.stack(kls, 1))
-                local_pg.append(torch.stack(pg_kls or kls, 1))
+                if pg_kls:
+                    local_pg.append(torch.stack(pg_kls, 1))
                 local_kl_anchor.append(torch.stack(kls_anchor, 1))
     times["labels"] = time.time() - t1
 

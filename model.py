@@ -1164,7 +1164,8 @@ def rollout(transformer, embeds, pooled, neg_embeds, neg_pooled, latent_shape, s
     if init_seeds is not None:
         x = sample_noise(latent_shape, init_seeds, device)[0]
     latents, log_probs, means = [x], [], []
-    sde_steps = min(num_steps - 1, num_steps - 1 if sde_steps is None else sde_steps) if sde and noise_level > 0 else 0
+    window = num_steps - 1 if sde_steps is None else min(sde_steps, num_steps - 1)
+    sde_steps = window if sde and noise_level > 0 else 0
     for j in range(num_steps):
         v = predict_velocity(transformer, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance)
         if j < sde_steps:
@@ -1222,19 +1223,25 @@ def transition_kl(mean_a, mean_b, step_std, dt, convention="exact"):
     i.e. |dt| times the exact KL. Mean over latent elements, one value per sample."""
     sq = ((mean_a - mean_b) ** 2).flatten(1).mean(1)
     var = _per_sample(step_std, mean_a).flatten() ** 2
+    return _in_convention(sq / (2 * var), dt, convention)
+
+
+def _in_convention(kl, dt, convention):
+    """A per-sample transition KL in the chosen convention: exact, or the reference code's |dt| KL."""
     if convention == "exact":
-        return sq / (2 * var)
+        return kl
     if convention == "reference":
-        return sq / (2 * var / torch.as_tensor(dt, device=var.device).abs().reshape(-1))
+        return kl * torch.as_tensor(dt, device=kl.device).abs().reshape(-1)
     raise ValueError(f"kl convention must be 'exact' or 'reference', got {convention!r}")
 
 
-def sampled_kl(x_next, mean_a, mean_b, step_std):
+def sampled_kl(x_next, mean_a, mean_b, step_std, dt=1.0, convention="exact"):
     """The one-sample estimate of KL(N(mean_a) || N(mean_b)) at the transition actually taken,
-    log N(x_next; mean_a) - log N(x_next; mean_b) with x_next ~ N(mean_a, step_std^2): its mean over x_next is the
-    exact transition_kl, and unlike it it depends on x_next, so a policy gradient credited to that step has a
-    non-zero mean (the pg reward -KL_j in closed form is a function of x_j only). Mean over latent elements."""
-    return gaussian_log_prob(x_next, mean_a, step_std) - gaussian_log_prob(x_next, mean_b, step_std)
+    log N(x_next; mean_a) - log N(x_next; mean_b) with x_next ~ N(mean_a, step_std^2): its mean over x_next is
+    transition_kl (same convention), and unlike it it depends on x_next, so a policy gradient credited to that
+    step has a non-zero mean (the pg reward -KL_j in closed form is a function of x_j only). Mean over elements."""
+    return _in_convention(gaussian_log_prob(x_next, mean_a, step_std) - gaussian_log_prob(x_next, mean_b, step_std),
+                          dt, convention)
 
 
 def velocity_mse_from_means(mean_a, mean_b, sigma, sigma_next, std):

@@ -321,7 +321,6 @@ def test_rollout_is_reproducible_per_sample(tiny):
         assert torch.equal(lp, r1.log_probs[:, j])
 
 
-
 def test_rollout_sde_window_and_shared_starting_noise(tiny):
     pipe = M.load_pipeline(tiny, t5_length=8)
     embeds, pooled = pipe.text.encode(["a", "a", "b"])
@@ -342,6 +341,7 @@ def test_rollout_sde_window_and_shared_starting_noise(tiny):
     assert torch.equal(shared.latents[0, 0], shared.latents[1, 0]) and not torch.equal(shared.latents[0, 0], shared.latents[2, 0])
     assert not torch.equal(shared.latents[0, 1], shared.latents[1, 1])  # same prompt, same start, other SDE noise
     assert torch.equal(shared.latents[0, 0], M.sample_noise((4, 8, 8), [7], "cpu")[0][0])
+
 
 # ---- losses ----------------------------------------------------------------------------------------
 
@@ -382,6 +382,9 @@ def test_sampled_kl_is_an_unbiased_estimate_of_the_transition_kl():
     assert (est - by_hand).abs().max() <= 1e-4 * by_hand.abs().max()
     standard_error = est.std(0) / math.sqrt(len(est))
     assert ((est.mean(0) - kl).abs() <= 4 * standard_error).all() and (kl > 0).all()
+    dt = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)  # reference convention: |dt| times, as transition_kl's
+    reference = M.sampled_kl(draws[0], a, b, step_std, -dt, "reference").double()
+    assert (reference - dt * est[0]).abs().max() <= 1e-6 * est[0].abs().max()
 
 
 def test_group_advantages_by_hand():

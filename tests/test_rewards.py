@@ -541,6 +541,7 @@ def test_jpeg_scores_match_pil_sizes():
     assert torch.allclose(rewards.get_reward("jpeg_compressibility")(images, ["", ""])[0], -sizes / 500)
     assert torch.allclose(rewards.get_reward("jpeg_compressibility", divisor=1)(images / 255.0, ["", ""])[0], -sizes)
 
+
 def test_brightness_and_its_inverse():
     images = torch.stack([torch.full((3, 8, 8), 51, dtype=torch.uint8), torch.full((3, 8, 8), 204, dtype=torch.uint8)])
     images[1, 0, 0, 0] = 0  # one dark pixel of 192
