@@ -62,6 +62,8 @@ groups_per_iter = 16
 batch_size = 4               # per rank; the sampling batch is the training batch
 optimizer_steps_per_iter = 2
 timestep_fraction = 0.99
+shared_init_noise = False    # True: one starting noise per group (credit goes to the SDE noise; train_teacher.py's flag)
+sde_window = False           # True: the steps after the candidate ones by the ODE (Flow-GRPO-Fast; train_teacher.py's flag)
 lr = 1e-4
 weight_decay = 1e-4
 clip_range = 1e-4
@@ -285,7 +287,8 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         neg = (negative[0].expand(batch_size, -1, -1), negative[1].expand(batch_size, -1))
         with transformer.adapter("student"):
             roll = M.rollout(transformer, *cond, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
-                             num_steps, pipe.shift, guidance, noise_level)
+                             num_steps, pipe.shift, guidance, noise_level, sde_steps=max(trained) + 1 if sde_window else None,
+                             init_seeds=[M.sample_seed(seed, iteration, 10 ** 7 + i // group_size) for i in index] if shared_init_noise else None)
         # which states are supervised (METHOD 5b): all, k random ones, or one low-noise one per rollout
         g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, first, 5))
         if supervise == "all":

@@ -211,7 +211,8 @@ def test_routing_uses_each_samples_teacher_and_blends_softly(world):
 @pytest.mark.parametrize("objective", ["pg", "gkd", "grpo_mix"])
 def test_script_runs_each_objective(world, tmp_path, objective):
     extra = {"gkd": {"supervise": "low_noise", "step_weight": "uniform", "noise_range": [0.0, 0.9]},
-             "pg": {"pg_reward": "sampled"}}.get(objective, {})
+             "pg": {"pg_reward": "sampled"},
+             "grpo_mix": {"shared_init_noise": True, "sde_window": True, "timestep_fraction": 0.5}}.get(objective, {})
     _run(_args(world, tmp_path, objective=objective, iterations=1, **extra))
     log = _log(tmp_path)
     sizes = log[0]["parameters"]
