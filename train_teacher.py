@@ -70,8 +70,9 @@ gradient_checkpointing = False
 PRESETS = {
     "toy": dict(model="toy/base", prompts="toy/prompts/composition_train.jsonl", reward="toy_composition",
                 out_dir="runs/toy/teacher_composition", resolution=32, t5_length=12, group_size=8, groups_per_iter=8,
-                batch_size=64, optimizer_steps_per_iter=1, steps_per_iter=4, noise_level=0.3, lr=1e-3, lora_rank=8, lora_alpha=8.0,
-                kl_beta=0.02, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False),
+                batch_size=64, optimizer_steps_per_iter=1, noise_level=0.3, shared_init_noise=True, timestep_fraction=0.5,
+                sde_window=True, lr=3e-3, lora_rank=8, lora_alpha=8.0, kl_beta=0.02, iterations=30, save_every=10,
+                grid_every=10, dtype="float32", ema=False),  # why these: docs/toy_results.md, "calibration"
     "sd35_geneval": dict(prompts="data/geneval_train.jsonl", reward="geneval", out_dir="runs/teacher_geneval"),
     "sd35_ocr": dict(prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_ocr"),
     "sd35_pickscore": dict(prompts="data/pickscore_train.txt", reward="pickscore", out_dir="runs/teacher_pickscore", kl_beta=0.01),

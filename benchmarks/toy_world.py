@@ -39,12 +39,12 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
     ("sft", "cold_start.py", [f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}",
                               f"--data_dir={OUT}/sft_data"]),
     ("merge", "cold_start.py", ["--mode=merge", f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}"]),
-    ("grpo_mix", "distill.py", [*distill_common, "--objective=grpo_mix", "--kl_beta=0.02"]),
+    ("grpo_mix", "distill.py", [*distill_common, "--objective=grpo_mix", "--kl_beta=0.02", "--lr=3e-3",  # the teachers' recipe
+                                "--shared_init_noise=True", "--timestep_fraction=0.5", "--sde_window=True", "--supervise=all"]),
     ("opd_pg_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft"]),
     ("opd_pg_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0"]),
     ("opd_pg_mar_merge", "distill.py", [*distill_common, f"--student_init={OUT}/merge/adapter"]),
     ("opd_gkd_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--objective=gkd"]),
-    ("opd_pg_sampled_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0", "--pg_reward=sampled"]),
 ]
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
