@@ -288,7 +288,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         with transformer.adapter("student"):
             roll = M.rollout(transformer, *cond, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
                              num_steps, pipe.shift, guidance, noise_level, sde_steps=max(trained) + 1 if sde_window else None,
-                             init_seeds=[M.sample_seed(seed, iteration, 10 ** 7 + i // group_size) for i in index] if shared_init_noise else None)
+                             init_seeds=M.group_init_seeds(seed, iteration, index, group_size) if shared_init_noise else None)
         # which states are supervised (METHOD 5b): all, k random ones, or one low-noise one per rollout
         g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, first, 5))
         if supervise == "all":

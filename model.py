@@ -1413,6 +1413,12 @@ def sample_seed(*parts):
     return h >> 1
 
 
+def group_init_seeds(seed, iteration, index, group_size):
+    """The starting-noise seeds of --shared_init_noise: global sample i belongs to group i // group_size, and
+    every sample of a group gets that group's seed (disjoint from the per-sample seeds sample_seed(seed, iteration, i))."""
+    return [sample_seed(seed, iteration, 10 ** 7 + i // group_size) for i in index]
+
+
 def batches_per_rank(group_size, groups_per_iter, batch_size, world, optimizer_steps_per_iter):
     """Sampling (= training) batches per rank and iteration, after checking that groups tile them: a
     sampling step of world x batch_size images holds whole groups or a group fills whole steps (the

@@ -153,7 +153,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             roll = M.rollout(transformer, embeds, pooled, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
                              num_steps, pipe.shift, guidance, noise_level,
                              sde_steps=len(trained_steps) if sde_window else None,
-                             init_seeds=[M.sample_seed(seed, iteration, 10 ** 7 + i // group_size) for i in index] if shared_init_noise else None)
+                             init_seeds=M.group_init_seeds(seed, iteration, index, group_size) if shared_init_noise else None)
             images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
             futures.append(reward_thread.submit(reward_fn, images, batch_prompts, [metadata_list[order[i]] for i in index]))
             batches.append(dict(index=index, prompts=batch_prompts, cond=(embeds, pooled), neg=neg, roll=roll, images=images))

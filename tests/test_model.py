@@ -477,3 +477,13 @@ def test_sample_grid_through_public_functions(tmp_path, tiny):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     grid = M.save_grid(images, prompts, str(tmp_path / "grid.png"))
     assert os.path.isfile(tmp_path / "grid.png") and grid.size[0] >= 256
+
+
+def test_group_init_seeds_one_per_group():
+    # a rank's slice of global indices 6..13 with groups of 4: groups 1, 2, 3 -> three distinct seeds
+    seeds = M.group_init_seeds(0, 5, range(6, 14), 4)
+    assert seeds[:2] == [seeds[0]] * 2 and seeds[2:6] == [seeds[2]] * 4 and seeds[6:] == [seeds[6]] * 2
+    assert len({seeds[0], seeds[2], seeds[6]}) == 3
+    assert seeds == M.group_init_seeds(0, 5, range(0, 14), 4)[6:]  # a sample's seed does not depend on the slice
+    assert not set(seeds) & {M.sample_seed(0, 5, i) for i in range(10 ** 4)}  # apart from the per-sample seeds
+    assert M.group_init_seeds(0, 6, [6], 4) != seeds[:1]  # a new draw every iteration
