@@ -97,6 +97,12 @@ PRESETS = {
                          init="scratch", train="full", out_dir="runs/toy/pretrain", resolution=32, t5_length=12,
                          steps=12000, batch_size=64, lr=5e-4, weight_decay=0.0, warmup=500, lr_decay="cosine", ema_decay=0.999,
                          save_every=1000, grid_every=2000, shard_size=4096, dtype="float32"),
+    # ... and its second phase: the toy world's own layout (objects in a grid, text centred), more steps at
+    # high noise, where a scene is decided (logit-normal mean 1: half the steps above s = 0.73)
+    "toy_pretrain_grid": dict(model="runs/toy/pretrain/step_012000/pipeline", images="runs/toy/pretrain_data_grid", data_dir="runs/toy/pretrain_latents_grid",
+                              init="base", train="full", out_dir="runs/toy/pretrain_grid", resolution=32, t5_length=12,
+                              steps=2400, batch_size=64, lr=3e-4, weight_decay=0.0, warmup=50, lr_decay="cosine",
+                              logit_mean=1.0, ema_decay=0.995, save_every=600, grid_every=600, shard_size=4096, dtype="float32"),
     "sd35_sft": dict(),
     "sd35_merge": dict(mode="merge"),
 }

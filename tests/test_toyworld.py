@@ -76,18 +76,20 @@ def test_prompt_files_are_deterministic_and_respect_the_split(tmp_path):
 
 # ----- round trips: clean renders pass, wrong renders fail ------------------------------------
 
+@pytest.mark.parametrize("layout", list(tw.LAYOUTS))
 @pytest.mark.parametrize("tag", tw.TAGS)
-def test_clean_composition_renders_pass(tag):
+def test_clean_composition_renders_pass(tag, layout):
     metas = _metas("composition", 40, seed=tw.TAGS.index(tag), tag=tag)
-    images = [tw.render(m, np.random.default_rng(i)) for i, m in enumerate(metas)]
+    images = [tw.render(m, np.random.default_rng(i), layout=layout) for i, m in enumerate(metas)]
     assert _score("composition", images, metas, strict=True).min() == 1.0
     assert _score("composition", images, metas, strict=False).min() >= 0.9
 
 
+@pytest.mark.parametrize("layout", list(tw.LAYOUTS))
 @pytest.mark.parametrize("task", ["text", "quality"])
-def test_clean_text_and_quality_renders_pass(task):
+def test_clean_text_and_quality_renders_pass(task, layout):
     metas = _metas(task, 60, seed=1)
-    images = [tw.render(m, np.random.default_rng(i)) for i, m in enumerate(metas)]
+    images = [tw.render(m, np.random.default_rng(i), layout=layout) for i, m in enumerate(metas)]
     assert _score(task, images, metas, strict=True).min() == 1.0
     assert _score(task, images, metas, strict=False).min() >= 0.9
 
@@ -250,6 +252,31 @@ def test_text_accuracy():
     prompts = [tw.TEXT_TEMPLATE.format(t) for t in targets]
     assert tw.text_accuracy(images, prompts) == pytest.approx([1.0, 0.5, 1.0, 0.5, 0.0])
     assert tw.text_accuracy(None, ['a sign that says "ab"'], read=["AB"]) == pytest.approx([1.0])
+
+
+def test_grid_layout_centres_a_lone_object_and_text_and_uses_distinct_cells():
+    rng = np.random.default_rng(0)
+    for n in range(1, 6):
+        for _ in range(20):
+            boxes = tw._grid_layout(n, 32, rng)
+            assert len(boxes) == n
+            if n == 1:
+                (x1, y1, x2, y2), = boxes
+                assert x1 == y1 and x2 == y2 and abs((x1 + x2) - 32) <= 1  # centred, square
+                continue
+            assert len(set(boxes)) == n and len({x2 - x1 for x1, _, x2, _ in boxes}) == 1
+            assert all(1 <= x1 and 1 <= y1 and x2 <= 31 and y2 <= 31 for x1, y1, x2, y2 in boxes)
+            assert not any(tw._too_close(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    # a relation to satisfy: GenEval's rule holds with the render margin
+    for rel in tw.RELATIONS:
+        a, b = tw._grid_layout(2, 32, rng, pair=(0, 1, rel))
+        assert tw.relation_strength(a, b, rel) >= tw.RENDER_MARGIN
+    # text: the same string lands on the same pixels whatever the seed; with layout="free" it moves
+    prompt = tw.TEXT_TEMPLATE.format("7A")
+    assert np.array_equal(tw.render(prompt, 0), tw.render(prompt, 1))
+    assert not np.array_equal(tw.render(prompt, 0, layout="free"), tw.render(prompt, 1, layout="free"))
+    with pytest.raises(ValueError, match="layout"):
+        tw.render(prompt, 0, layout="anywhere")
 
 
 def test_detected_objects_match_the_scene():
