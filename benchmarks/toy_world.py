@@ -1,7 +1,7 @@
 """
 The toy world's whole pipeline after the base model, measured: the numbers in docs/toy_results.md.
 
-  python benchmarks/toy_world.py                 # everything (about an hour on 2 CPU cores), resumable
+  python benchmarks/toy_world.py                 # everything (under an hour on 2 CPU cores), resumable
   python benchmarks/toy_world.py --ship          # ... and copy the three teachers to toy/teachers/
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
 
@@ -32,7 +32,8 @@ TASKS = {"composition": "toy/prompts/composition_train.jsonl", "text": "toy/prom
 TEACHER = {t: f"{OUT}/teacher_{t}" for t in TASKS}
 teacher_tasks = [{"name": t, "prompts": p, "teacher": TEACHER[t], "weight": w, "reward": f"toy_{t}"}
                  for (t, p), w in zip(TASKS.items(), (3.0, 1.0, 1.0))]
-distill_common = [f"--tasks={teacher_tasks!r}", f"--anchor={TEACHER['quality']}", "--eval_images=0"]
+# 30 iterations for every RL run (teachers, GRPO-Mix, OPD): equal budgets, and the pipeline inside its hour
+distill_common = [f"--tasks={teacher_tasks!r}", f"--anchor={TEACHER['quality']}", "--eval_images=0", "--iterations=30"]
 
 STAGES = [  # (name, script, flags); every run writes to OUT/name
     *[(f"teacher_{t}", "train_teacher.py", [f"--prompts={p}", f"--reward=toy_{t}"]) for t, p in TASKS.items()],
