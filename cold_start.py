@@ -369,4 +369,5 @@ for step in bar:
 if dist.master:
     print(f"done: {out_dir}/latest -> {M.latest_checkpoint(out_dir)}")
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # every rank done before any tears down (a rank leaving early can abort at exit)
     torch.distributed.destroy_process_group()

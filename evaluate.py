@@ -510,4 +510,5 @@ if dist.master:
           f"wrote {out_dir}/results.md, results.json and grid_<benchmark>.png")
     print(markdown_table())
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # every rank done before any tears down (a rank leaving early can abort at exit)
     torch.distributed.destroy_process_group()
