@@ -87,22 +87,23 @@ TOY_TEACHERS = [
     {"name": "text", "adapter": "toy/teachers/text", "prompts": "toy/prompts/text_train.txt", "weight": 1.0},
     {"name": "quality", "adapter": "toy/teachers/quality", "prompts": "toy/prompts/quality_train.txt", "weight": 1.0},
 ]
+_TOY_PRETRAIN = dict(model="runs/toy/skeleton", images="runs/toy/pretrain_data", data_dir="runs/toy/pretrain_latents",
+                     init="scratch", train="full", out_dir="runs/toy/pretrain", resolution=32, t5_length=12,
+                     steps=12000, batch_size=64, lr=5e-4, weight_decay=0.0, warmup=500, lr_decay="cosine", ema_decay=0.999,
+                     save_every=1000, grid_every=2000, shard_size=4096, dtype="float32")
 PRESETS = {
     "toy": dict(model="toy/base", teachers=TOY_TEACHERS, out_dir="runs/toy/cold_start", data_dir="runs/toy/sft_data",
                 samples_per_teacher=512, shard_size=128, sample_batch_size=64, sample_steps=10, resolution=32, t5_length=12,
                 lora_rank=8, lora_alpha=8.0, steps=300, batch_size=64, lr=1e-3, warmup=20, save_every=100, grid_every=100,
                 dtype="float32"),
     # the toy world's base model: pre-training from scratch on rendered scenes (see toyworld.py `base`)
-    "toy_pretrain": dict(model="runs/toy/skeleton", images="runs/toy/pretrain_data", data_dir="runs/toy/pretrain_latents",
-                         init="scratch", train="full", out_dir="runs/toy/pretrain", resolution=32, t5_length=12,
-                         steps=12000, batch_size=64, lr=5e-4, weight_decay=0.0, warmup=500, lr_decay="cosine", ema_decay=0.999,
-                         save_every=1000, grid_every=2000, shard_size=4096, dtype="float32"),
+    "toy_pretrain": _TOY_PRETRAIN,
     # ... and its second phase: the toy world's own layout (objects in a grid, text centred), more steps at
     # high noise, where a scene is decided (logit-normal mean 1: half the steps above s = 0.73)
-    "toy_pretrain_grid": dict(model="runs/toy/pretrain/step_012000/pipeline", images="runs/toy/pretrain_data_grid", data_dir="runs/toy/pretrain_latents_grid",
-                              init="base", train="full", out_dir="runs/toy/pretrain_grid", resolution=32, t5_length=12,
-                              steps=2400, batch_size=64, lr=3e-4, weight_decay=0.0, warmup=50, lr_decay="cosine",
-                              logit_mean=1.0, ema_decay=0.995, save_every=600, grid_every=600, shard_size=4096, dtype="float32"),
+    "toy_pretrain_grid": {**_TOY_PRETRAIN, "model": "runs/toy/pretrain/step_012000/pipeline", "init": "base",
+                          "images": "runs/toy/pretrain_data_grid", "data_dir": "runs/toy/pretrain_latents_grid",
+                          "out_dir": "runs/toy/pretrain_grid", "steps": 2400, "lr": 3e-4, "warmup": 50, "logit_mean": 1.0,
+                          "ema_decay": 0.995, "save_every": 600, "grid_every": 600},
     "sd35_sft": dict(),
     "sd35_merge": dict(mode="merge"),
 }

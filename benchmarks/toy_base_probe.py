@@ -47,7 +47,7 @@ for task in ("text", "composition"):
         return T.score(task, images, prompts, metas, strict=True).mean()
 
     conditions = {"right": pipe.text.encode(prompts), "wrong": pipe.text.encode(prompts[1:] + prompts[:1]),
-                  "empty": pipe.text.encode([""] * n)}
+                  "empty": neg}
     rows = []
     with torch.no_grad():
         for s in (0.6, 0.7, 0.8, 0.9):
@@ -57,7 +57,7 @@ for task in ("text", "composition"):
             x = xs
             for j in range(10):
                 v = M.predict_velocity(transformer, x, sigmas[j], *conditions["right"], *neg, 4.5)
-                x = x + (sigmas[j + 1] - sigmas[j]) * v
+                x = M.ode_step(x, v, sigmas[j], sigmas[j + 1])
             rows.append(f"  s={s}: noisy input {read(xs):.2f} | one-step x0 estimate: " + ", ".join(cells)
                         + f" | SDEdit from s: {read(x):.2f}")
         roll = M.rollout(transformer, *conditions["right"], *neg, pipe.latent_shape(32), [M.sample_seed(7, i) for i in range(n)],
