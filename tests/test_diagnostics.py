@@ -1,0 +1,73 @@
+"""The diagnostics that docs/toy_results.md quotes: their formulas against float64 references and identities."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import eval_paired  # noqa: E402
+import toy_grad_snr  # noqa: E402
+import toy_lowfreq_grpo  # noqa: E402
+
+
+def test_paired_differences(tmp_path):
+    """benchmarks/eval_paired.py: the mean per-image difference and its 95% CI on the images both models share
+    (same prompt, image index and seed), against numpy in float64; a missing scores file is a one-line error."""
+    rng = np.random.default_rng(0)
+    base, other = rng.random(40), rng.random(40)
+    for name, values, extra in (("base", base, 0), ("student", other, 1)):  # the student has one image more
+        os.makedirs(tmp_path / name / "bench")
+        rows = [{"prompt_index": i // 2, "image_index": i % 2, "seed": 1000 + i, "m": float(v)}
+                for i, v in enumerate(list(values) + [5.0] * extra)]
+        (tmp_path / name / "bench" / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/eval_paired.py", f"--base={tmp_path / 'base'}", "--benchmark=bench",
+                          "--metric=m", str(tmp_path / "student")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    diff = other - base
+    ci = 1.96 * diff.std(ddof=1) / math.sqrt(40)
+    assert f"| student | {other.mean():.3f} | {base.mean():.3f} | {diff.mean():+.3f} ± {ci:.3f} | 40 |" in out.stdout
+    load = lambda name: eval_paired.load(str(tmp_path / name), "bench", "m")
+    m, b, d, c, n = eval_paired.paired(load("base"), load("student"))
+    assert (m, b, d, c, n) == pytest.approx((other.mean(), base.mean(), diff.mean(), ci, 40), abs=1e-12)
+    out = subprocess.run([sys.executable, "benchmarks/eval_paired.py", f"--base={tmp_path / 'base'}", "--benchmark=nope",
+                          "--metric=m", str(tmp_path / "student")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: no ") and len(out.stderr.strip().splitlines()) == 1
+
+
+
+def test_gradient_agreement():
+    """toy_grad_snr.agreement: identical estimates (up to a 1e-9 jitter, so that the noise is not zero) have
+    cosine 1; for g = mu + noise its SNR estimate centres on |mu|^2 / (D sigma^2) (Monte Carlo, float64); pure
+    noise has cosine ~0."""
+    mu = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    G = mu.repeat(4, 1) + 1e-9 * torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert toy_grad_snr.agreement(G)[0] == pytest.approx(1.0, abs=1e-12)
+    g = torch.Generator().manual_seed(1)
+    sigma, truth = 0.5, mu.pow(2).sum().item() / (50 * 0.25)
+    estimates = [toy_grad_snr.agreement(mu + sigma * torch.randn(4, 50, dtype=torch.float64, generator=g))[1] for _ in range(4000)]
+    # the ratio of unbiased numerator and denominator is biased a little (E[1/v] > 1/E[v]); with 150 degrees of
+    # freedom in v the bias is ~1.4%: the mean lands within 3% of the truth, a sign or factor error far outside
+    assert np.mean(estimates) == pytest.approx(truth, rel=0.03)
+    cos = toy_grad_snr.agreement(sigma * torch.randn(6, 100000, dtype=torch.float64, generator=g))[0]
+    assert abs(cos) < 0.02  # pure noise in many dimensions: no agreement
+
+
+def test_low_pass_is_an_orthogonal_projection():
+    """toy_lowfreq_grpo.low_pass on the toy latent (12, 16, 16), space-to-depth factor 2, 4x4 blocks: P P = P,
+    <P x, y> = <x, P y>, trace 3 x 8 x 8 = 192 (the rank), and it keeps block-constant images unchanged."""
+    g = torch.Generator().manual_seed(0)
+    P = lambda x: toy_lowfreq_grpo.low_pass(x, 2, 4)
+    x, y = torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g), torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g)
+    assert torch.allclose(P(P(x)), P(x), atol=1e-12)
+    assert (P(x) * y).sum().item() == pytest.approx((x * P(y)).sum().item(), abs=1e-9)
+    basis = torch.eye(12 * 16 * 16, dtype=torch.float64).view(-1, 12, 16, 16)
+    assert torch.einsum("bchw,bchw->", P(basis), basis).item() == pytest.approx(192, abs=1e-9)
+    blocks = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    latent = torch.nn.functional.pixel_unshuffle(blocks, 2)
+    assert torch.allclose(P(latent), latent, atol=1e-12)
