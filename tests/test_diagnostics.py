@@ -71,3 +71,19 @@ def test_low_pass_is_an_orthogonal_projection():
     blocks = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
     latent = torch.nn.functional.pixel_unshuffle(blocks, 2)
     assert torch.allclose(P(latent), latent, atol=1e-12)
+
+
+def test_caption_color_reward():
+    """toy_color_reward.CaptionColor: the soft share of the caption's first colour, exp(-d^2 / (2 40^2)) per pixel
+    (float64 reference): 1 for a picture all in that colour, the Gaussian of the distance for another colour."""
+    import toy_color_reward
+    import toyworld
+    reward = toy_color_reward.CaptionColor()
+    red, blue = toyworld.PALETTE["red"], toyworld.PALETTE["blue"]
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    images[0] = torch.tensor(red, dtype=torch.uint8)[:, None, None]
+    images[1, :, :, :4] = torch.tensor(red, dtype=torch.uint8)[:, None, None]
+    images[1, :, :, 4:] = torch.tensor(blue, dtype=torch.uint8)[:, None, None]
+    scores, _ = reward(images, ["a photo of a red circle", "a photo of a red square and a blue circle"])
+    d2 = sum((a - b) ** 2 for a, b in zip(red, blue))
+    assert scores.tolist() == pytest.approx([1.0, 0.5 + 0.5 * math.exp(-d2 / 3200)], abs=1e-6)
