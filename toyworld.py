@@ -843,6 +843,7 @@ def build_base(out="toy/base", work="runs/toy", n_images=100000):
     shutil.copytree(os.path.join(final, "pipeline"), out)
     print("wrote", out)
 
+
 if __name__ == "__main__":
     # python toyworld.py samples [out.png] | prompts [folder] | base
     import sys

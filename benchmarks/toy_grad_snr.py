@@ -28,12 +28,10 @@ PROMPTS = {"toy_text": "toy/prompts/text_train.txt", "toy_composition": "toy/pro
            "toy_quality": "toy/prompts/quality_train.txt", "brightness": "toy/prompts/quality_train.txt"}
 
 
-def gradient(pipe, transformer, params, reward_fn, prompts, metadata, noise_level, window, shared, seed, groups, group_size):
+def gradient(pipe, transformer, params, reward_fn, prompts, metadata, cond, neg, noise_level, window, shared, seed, group_size):
     shape, shift, guidance, steps = pipe.latent_shape(32), pipe.shift, 4.5, 10
     n = len(prompts)
-    embeds, pooled = pipe.text.encode(prompts)
-    empty = pipe.text.encode([""])
-    neg = (empty[0].expand(n, -1, -1), empty[1].expand(n, -1))
+    embeds, pooled = cond
     seeds = [M.sample_seed(seed, i) for i in range(n)]
     init = [M.sample_seed(seed, 10 ** 7 + i // group_size) for i in range(n)] if shared else None
     transformer.eval()
@@ -85,6 +83,7 @@ def main():
     transformer = pipe.transformer
     M.add_adapter(transformer, "policy", args.rank, float(args.rank), M.DEFAULT_LORA_TARGETS, seed=0)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    empty = pipe.text.encode([""])
     print("| reward | noise level | SDE steps (trained) | starting noise | reward mean | within-group std | "
           "gradient cosine | SNR of one batch |")
     print("|---|---|---|---|---|---|---|---|")
@@ -94,12 +93,14 @@ def main():
         pick = [int(i) for i in np.random.default_rng(1).choice(len(prompts), args.groups, replace=False)]
         batch = [prompts[i] for i in pick for _ in range(args.group_size)]
         meta = [metadata[i] for i in pick for _ in range(args.group_size)]
+        cond = pipe.text.encode(batch)  # the same batch for every setting and replica: encoded once
+        neg = (empty[0].expand(len(batch), -1, -1), empty[1].expand(len(batch), -1))
         for noise, window, shared in itertools.product(args.noise.split(","), args.window.split(","), args.shared.split(",")):
             grads, scores = [], []
             with transformer.adapter("policy"):
                 for r in range(args.replicas):
-                    g, s = gradient(pipe, transformer, params, reward_fn, batch, meta, float(noise), int(window),
-                                    shared == "1", 1000 + r, args.groups, args.group_size)
+                    g, s = gradient(pipe, transformer, params, reward_fn, batch, meta, cond, neg, float(noise), int(window),
+                                    shared == "1", 1000 + r, args.group_size)
                     grads.append(g)
                     scores.append(s)
             cos, snr = agreement(torch.stack(grads))

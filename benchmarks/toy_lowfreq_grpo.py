@@ -78,7 +78,8 @@ def main():
         n = len(batch)
         cond = pipe.text.encode(batch)
         neg = (empty[0].expand(n, -1, -1), empty[1].expand(n, -1))
-        x = M.sample_noise(shape, [M.sample_seed(args.seed, iteration, 10 ** 7 + i // group_size) for i in range(n)], "cpu")[0]
+        x = M.sample_noise(shape, M.group_init_seeds(args.seed, iteration, range(n), group_size), "cpu")[0]
+        # each sample's own generator, past its own starting noise: the SDE noise M.rollout would draw
         gens = M.sample_noise(shape, [M.sample_seed(args.seed, iteration, i) for i in range(n)], "cpu")[1]
         latents = [x]
         transformer.eval()

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import rewards  # noqa: E402
+from eval_paired import paired  # noqa: E402  (this folder)
 
 
 def main():
@@ -65,8 +66,9 @@ def main():
     for name in names:
         row = [name]
         for sampler in ("SDE", "ODE"):
-            x, d = results[name, sampler], results[name, sampler] - results["base", sampler]
-            row += [f"{x.mean():.3f}", f"{d.mean():+.3f} ± {1.96 * d.std() / len(d) ** 0.5:.3f}" if name != "base" else ""]
+            mean, _, diff, ci, _ = paired(dict(enumerate(results["base", sampler].tolist())),
+                                          dict(enumerate(results[name, sampler].tolist())))
+            row += [f"{mean:.3f}", f"{diff:+.3f} ± {ci:.3f}" if name != "base" else ""]
         print("| " + " | ".join(row) + " |")
 
 
