@@ -87,3 +87,48 @@ def test_caption_color_reward():
     scores, _ = reward(images, ["a photo of a red circle", "a photo of a red square and a blue circle"])
     d2 = sum((a - b) ** 2 for a, b in zip(red, blue))
     assert scores.tolist() == pytest.approx([1.0, 0.5 + 0.5 * math.exp(-d2 / 3200)], abs=1e-6)
+
+
+def _caption_colors_reference(image, named):
+    """CaptionColors in float64 loops: named = {colour: count}."""
+    import toyworld
+    h, w, _ = image.shape
+    share = {c: 0.0 for c in toyworld.COLORS}
+    clean = 0.0
+    for y in range(h):
+        for x in range(w):
+            px = image[y, x].astype(np.float64)
+            on = math.exp(-sum((px - toyworld.BACKGROUND) ** 2) / 1800)
+            for c, rgb in toyworld.PALETTE.items():
+                g = math.exp(-sum((px - np.array(rgb, np.float64)) ** 2) / 1800)
+                share[c] += g / (h * w)
+                on += g
+            clean += min(on, 1.0) / (h * w)
+    coverage = [min(1.0, share[c] / (0.04 * n)) * min(1.0, 0.2 * n / share[c]) for c, n in named.items()]
+    purity = sum(share[c] for c in named) / sum(share.values())
+    return float(np.mean(coverage)) * purity * clean ** 2
+
+
+def test_caption_colors_reward():
+    """toy_color_reward.CaptionColors against float64 loops, and its identities: a clean picture with each named
+    colour at 10% of the area scores ~1, one named colour missing halves it, a tinted background lowers it."""
+    import toy_color_reward
+    import toyworld
+    reward = toy_color_reward.CaptionColors()
+    prompt = "a photo of a red square and a blue circle"
+    image = np.empty((10, 10, 3), np.uint8)
+    image[:] = toyworld.BACKGROUND
+    image[0, :] = toyworld.PALETTE["red"]
+    image[9, :] = toyworld.PALETTE["blue"]
+    missing = image.copy()
+    missing[9, :] = toyworld.BACKGROUND
+    tinted = image.copy()
+    tinted[1:9] = (200, 235, 200)
+    noisy = np.random.default_rng(0).integers(0, 256, (10, 10, 3)).astype(np.uint8)
+    batch = np.stack([image, missing, tinted, noisy])
+    scores, _ = reward(torch.from_numpy(batch).permute(0, 3, 1, 2), [prompt] * 4)
+    expected = [_caption_colors_reference(im, {"red": 1, "blue": 1}) for im in batch]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+    assert scores[0] == pytest.approx(1.0, abs=1e-3)
+    assert scores[1] == pytest.approx(0.5, abs=1e-3)
+    assert scores[2] < 0.5 * scores[0]
