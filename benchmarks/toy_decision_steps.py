@@ -11,7 +11,6 @@ still change the outcome: what GRPO can credit to that step. The teachers' prese
 import os
 import sys
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,10 +18,11 @@ sys.path.insert(0, ROOT)
 import kernels as K  # noqa: E402
 import model as M  # noqa: E402
 import rewards  # noqa: E402
+from toy_rl_noise import GROUPS, G, training_groups  # noqa: E402
 
 REWARDS = {"toy_text": "toy/prompts/text_train.txt", "toy_composition": "toy/prompts/composition_train.jsonl",
            "toy_quality": "toy/prompts/quality_train.txt", "brightness": "toy/prompts/quality_train.txt"}
-GROUPS, G, STEPS, NOISE = 16, 8, 10, 0.3
+STEPS, NOISE = 10, 0.3
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def sample(transformer, cond, neg, shape, seeds, init_seeds, sde_step_index, shi
             x = K.sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], NOISE, noise)[0]
         else:
             x = M.ode_step(x, v, sigmas[j], sigmas[j + 1])
-    return x, sigmas
+    return x
 
 
 if __name__ == "__main__":
@@ -52,17 +52,12 @@ if __name__ == "__main__":
     print("| reward | " + " | ".join(f"step {k} (σ {sigmas[k]:.2f})" for k in range(STEPS - 1)) + " |")
     print("|---|" + "---|" * (STEPS - 1))
     for name, path in REWARDS.items():
-        prompts, metadata = rewards.load_prompts(path)
         reward = rewards.get_reward(name)
-        pick = [int(i) for i in np.random.default_rng(1).choice(len(prompts), GROUPS, replace=False)]
-        batch = [prompts[i] for i in pick for _ in range(G)]
-        meta = [metadata[i] for i in pick for _ in range(G)]
-        cond = pipe.text.encode(batch)
-        neg = (empty[0].expand(len(batch), -1, -1), empty[1].expand(len(batch), -1))
+        batch, meta, cond, neg = training_groups(pipe, path, empty)
         init = [10 ** 6 + i // G for i in range(len(batch))]
         row = []
         for k in range(STEPS - 1):
-            x, _ = sample(transformer, cond, neg, shape, list(range(len(batch))), init, k, pipe.shift)
+            x = sample(transformer, cond, neg, shape, list(range(len(batch))), init, k, pipe.shift)
             scores = reward(M.to_uint8(pipe.codec.decode(x)), batch, meta)[0].view(GROUPS, G).double()
             row.append(f"{scores.std(1).mean():.3f}")
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)

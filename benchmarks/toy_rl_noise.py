@@ -25,6 +25,18 @@ REWARDS = {"toy_quality": "toy/prompts/quality_train.txt", "toy_composition": "t
 SETTINGS = [(0.3, None), (0.3, 5), (0.7, None)]  # (noise level, SDE window: steps by the SDE; None = all 9)
 GROUPS, G = 16, 8
 
+
+def training_groups(pipe, path, empty):
+    """GROUPS prompts of a training set (the same pick every time) x G each: the prompts, their metadata,
+    their conditioning (embeds, pooled) and the empty prompt's, expanded to the batch."""
+    prompts, metadata = rewards.load_prompts(path)
+    pick = [int(i) for i in np.random.default_rng(1).choice(len(prompts), GROUPS, replace=False)]
+    batch = [prompts[i] for i in pick for _ in range(G)]
+    meta = [metadata[i] for i in pick for _ in range(G)]
+    neg = (empty[0].expand(len(batch), -1, -1), empty[1].expand(len(batch), -1))
+    return batch, meta, pipe.text.encode(batch), neg
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -35,13 +47,8 @@ if __name__ == "__main__":
     print("| reward | noise level | SDE steps | starting noise | mean | within-group std | best of 8 |")
     print("|---|---|---|---|---|---|---|")
     for name, path in REWARDS.items():
-        prompts, metadata = rewards.load_prompts(path)
         reward = rewards.get_reward(name)
-        pick = [int(i) for i in np.random.default_rng(1).choice(len(prompts), GROUPS, replace=False)]
-        batch = [prompts[i] for i in pick for _ in range(G)]
-        meta = [metadata[i] for i in pick for _ in range(G)]
-        embeds, pooled = pipe.text.encode(batch)
-        neg = (empty[0].expand(len(batch), -1, -1), empty[1].expand(len(batch), -1))
+        batch, meta, (embeds, pooled), neg = training_groups(pipe, path, empty)
         for noise_level, window in SETTINGS:
             for shared in (False, True):
                 roll = M.rollout(transformer, embeds, pooled, *neg, shape, list(range(len(batch))), 10, pipe.shift, 4.5,
