@@ -54,10 +54,10 @@ class CaptionColors(rewards.Reward):
             for clause in meta["include"]:
                 if "color" in clause:
                     named[clause["color"]] = named.get(clause["color"], 0) + clause["count"]
-            coverage = [min(1.0, share[toyworld.COLORS.index(c)] / (0.04 * n))
-                        * min(1.0, 0.2 * n / max(share[toyworld.COLORS.index(c)], 1e-9)) for c, n in named.items()]
+            own = {c: share[toyworld.COLORS.index(c)] for c in named}
+            coverage = [min(1.0, own[c] / (0.04 * n)) * min(1.0, 0.2 * n / max(own[c], 1e-9)) for c, n in named.items()]
             ink = share.sum()
-            purity = sum(share[toyworld.COLORS.index(c)] for c in named) / ink if ink > 1e-9 else 0.0
+            purity = sum(own.values()) / ink if ink > 1e-9 else 0.0
             clean = np.clip(w_bg + w.sum(-1), 0, 1).mean()
             scores.append(float(np.mean(coverage)) * purity * clean ** 2 if named else 0.0)
         return torch.tensor(scores, dtype=torch.float32), {}
