@@ -1,7 +1,7 @@
 """
 At which sampling step the toy base model decides what each reward reads (docs/toy_results.md).
 
-  python benchmarks/toy_decision_steps.py        # about 4 minutes on 2 CPU cores
+  python benchmarks/toy_decision_steps.py        # about 6 minutes on 2 CPU cores
 
 For each reward, 16 training prompts x 8 samples from toy/base with the teachers' sampler (10 steps, CFG 4.5,
 one starting noise per group), and SDE noise (level 0.3) at ONE step k only, every other step by the ODE.

@@ -5,7 +5,7 @@ The toy teachers' gain against the samples per update: the measurement docs/toy_
   python benchmarks/toy_teacher_scale.py --groups=2 --iterations=1 --tasks=text --out=/tmp/scale   # a CPU smoke run
 
 On two CPU cores the composition and text teachers do not beat the base with 64 samples per update (8 groups of
-8) or 256, in up to 150 iterations. This runs the same toy preset (train_teacher.py, groups of 8, its step
+8) in up to 150 iterations, nor the composition teacher with 256 or 512. This runs the same toy preset (train_teacher.py, groups of 8, its step
 size and KL) with more groups per update, then evaluate.py with the table's protocol (held-out prompts, the
 same seeds for every model) and the paired difference to the base (benchmarks/eval_paired.py). One row per
 run is appended to the report as soon as it is measured, so a run cut short still leaves its rows.
