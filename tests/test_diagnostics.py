@@ -132,3 +132,32 @@ def test_caption_colors_reward():
     assert scores[0] == pytest.approx(1.0, abs=1e-3)
     assert scores[1] == pytest.approx(0.5, abs=1e-3)
     assert scores[2] < 0.5 * scores[0]
+
+
+def test_pass_at_k():
+    """toy_room.pass_at_k, 1 - C(n - c, k) / C(n, k): for n = 6, every c and k, the share of all k-subsets of the n
+    samples (c of them correct) that hold a correct one, exact; pass@1 = c / n, pass@n = 1[c > 0]; Codex's float64
+    product form at n = 200; k > n raises. toy_room.room: a score of 1.0 is correct (text accuracy 0.67 is not),
+    the stds are within-prompt with n - 1, float64."""
+    import itertools
+    from fractions import Fraction
+    import toy_room
+    n = 6
+    for c in range(n + 1):
+        samples = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(samples, k))
+            assert toy_room.pass_at_k(n, c, k) == float(Fraction(sum(any(s) for s in subsets), len(subsets)))
+        assert toy_room.pass_at_k(n, c, 1) == c / n
+        assert toy_room.pass_at_k(n, c, n) == float(c > 0)
+    product = 1 - np.prod(1 - 32 / np.arange(200 - 3 + 1, 201, dtype=np.float64))
+    assert toy_room.pass_at_k(200, 3, 32) == pytest.approx(product, rel=1e-12)
+    for bad in ((6, 2, 7), (6, 7, 2), (6, 2, 0)):
+        with pytest.raises(ValueError):
+            toy_room.pass_at_k(*bad)
+    strict = np.array([[1.0, 0.0, 0.0, 1.0], [2 / 3, 2 / 3, 1.0, 0.0]])
+    dense = np.array([[0.9, 0.1, 0.2, 0.8], [0.5, 0.6, 0.7, 0.0]])
+    values = toy_room.room(np.stack([strict, dense], -1), [2, 4])
+    correct = (strict == 1.0).astype(np.float64)
+    expected = [correct.mean(), (5 / 6 + 1 / 2) / 2, 1.0, dense.std(1, ddof=1).mean(), correct.std(1, ddof=1).mean()]
+    assert values == pytest.approx(expected, abs=1e-12)
