@@ -109,11 +109,14 @@ PRESETS = {
 }
 config = M.configure(globals(), PRESETS)
 for key, value, choices in (("mode", mode, ("sft", "merge")), ("init", init, ("base", "scratch")),
-                            ("train", train, ("lora", "full"))):
+                            ("train", train, ("lora", "full")), ("adapter_format", adapter_format, ("peft", "diffusers"))):
     if value not in choices:
         raise M.UserError(f"{key} must be {' or '.join(choices)}, got {value!r}")
 if mode == "merge" and (merge_naive and merge_rank):
     raise M.UserError("--merge_naive and --merge_rank are alternatives: choose one")
+
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise M.UserError(f"{out_dir}: --out_dir is an existing file, not a folder; choose another --out_dir")
 
 # -- merge: no GPU, no sampling; reads and writes adapter files -------------------------------------------
 if mode == "merge":
@@ -145,7 +148,9 @@ if mode == "merge":
 # -- setup -------------------------------------------------------------------------------------------------
 dist = M.setup_distributed(device or None)
 M.seed_everything(seed)
-torch_dtype = getattr(torch, dtype)
+torch_dtype = M.torch_dtype(dtype)
+run = M.resume_run(out_dir, resume, config, ("model", "train", "init", "lora_rank", "lora_alpha", "init_adapter", ("ema_decay", bool)),
+                   "step", dist.master)  # before the model loads: where the run starts; settings it cannot change
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
 transformer = pipe.transformer
 latent_shape = pipe.latent_shape(resolution)
@@ -172,7 +177,11 @@ if images:
     captions_file = os.path.join(images, "captions.jsonl")
     if not os.path.isfile(captions_file):
         raise M.UserError(f"{images} has no captions.jsonl (expected images/*.png + captions.jsonl)")
-    rows = [json.loads(line) for line in open(captions_file) if line.strip()]
+    rows = [M._parse_json(line, f"{captions_file}:{n}", "fix that line") for n, line in
+            enumerate(M.read_text(captions_file, "captions file").splitlines(), 1) if line.strip()]
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("file"), str) or not isinstance(r.get("prompt"), str):
+            raise M.UserError(f"{captions_file}: row {n} needs a string 'file' and a string 'prompt'")
     for k in range(0, len(rows), shard_size):
         jobs.append((os.path.join(data_dir, f"images_{k // shard_size:05d}.safetensors"), len(rows[k:k + shard_size]), ("images", rows[k:k + shard_size])))
 else:
@@ -203,7 +212,7 @@ if todo:
             M.load_adapter(transformer, "teacher_" + t["name"], t["adapter"])
             loaded[t["name"]] = prompt_list
         prompt_list = loaded[t["name"]]
-        pipe.text.clear()  # each shard's prompts encoded afresh: a shard regenerated alone (resume, other rank) is the same
+        pipe.text.clear()  # only to free memory: an encoding never depends on the cache (each prompt is encoded alone)
         task = zlib.crc32(t["name"].encode())  # each teacher its own prompt draws and initial noise
         g = torch.Generator().manual_seed(M.sample_seed(seed, task, start, 1))
         chosen = [prompt_list[i] for i in torch.randint(len(prompt_list), (count,), generator=g).tolist()]
@@ -231,11 +240,7 @@ if dist.master:
 # -- 2. the student: a LoRA on the base, or the whole transformer ----------------------------------------------
 if init == "scratch":
     M.init_weights_for_training_from_scratch(transformer, seed)
-start_step, state = 0, None
-ckpt = M.latest_checkpoint(out_dir) if resume else None
-if ckpt:
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    start_step = state["step"]
+start_step, state, ckpt = run.start, run.state, run.folder
 if train == "lora":
     if ckpt:
         M.load_adapter(transformer, "student", os.path.join(ckpt, "adapter"), trainable=True)
@@ -259,7 +264,7 @@ params = list(named.values())
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
 ema = M.EMA(named.items(), decay=ema_decay, every=1) if ema_decay > 0 else None
 if state is not None:
-    M.load_optimizer_state(transformer, optimizer, state["optimizer"])
+    M.load_optimizer_state(transformer, optimizer, state["optimizer"], weight_decay=weight_decay)  # lr: the schedule, below
     if ema is not None:
         ema.load_state_dict(state["ema"])
 def schedule(step):
@@ -270,7 +275,9 @@ def schedule(step):
 
 
 
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_step, key="step")
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=resume, resume_at=start_step, key="step")
+if run.record:  # the settings changed on resume, as such
+    log.write(run.record)
 
 
 def save(step):

@@ -162,7 +162,9 @@ if eval_images > 0:
 dist = M.setup_distributed(device or None)
 samples_per_iter = group_size * groups_per_iter
 num_batches = M.batches_per_rank(group_size, groups_per_iter, batch_size, dist.world, optimizer_steps_per_iter)
-torch_dtype = getattr(torch, dtype)
+torch_dtype = M.torch_dtype(dtype)
+run = M.resume_run(out_dir, resume, config, ("model", "lora_rank", "lora_alpha", "student_init", "ema"), "iteration",
+                   dist.master)  # before the model loads: where the run starts; settings it cannot change
 M.seed_everything(seed)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
 transformer = pipe.transformer
@@ -195,11 +197,8 @@ for t in tasks:
 if objective == "grpo_mix" and len(reward_fns) != len(tasks):
     raise M.UserError("grpo_mix needs a reward for every task")
 
-start_iter, state = 0, None
-ckpt = M.latest_checkpoint(out_dir) if resume else None
+start_iter, state, ckpt = run.start, run.state, run.folder
 if ckpt:
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    start_iter = state["iteration"]
     M.load_adapter(transformer, "student", os.path.join(ckpt, "adapter"), trainable=True)
 elif student_init:
     M.load_adapter(transformer, "student", student_init, trainable=True)
@@ -213,13 +212,15 @@ params = list(named.values())
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
 ema_weights = M.EMA(named.items(), ema_decay, ema_every) if ema else None
 if state is not None:
-    M.load_optimizer_state(transformer, optimizer, state["optimizer"])
+    M.load_optimizer_state(transformer, optimizer, state["optimizer"], lr=lr, weight_decay=weight_decay)  # today's settings
     if ema_weights is not None:
         ema_weights.load_state_dict(state["ema"])
 skipped = state["skipped"] if state else 0
 optimizer_step = state["optimizer_step"] if state else 0
 negative = pipe.text.encode([""])
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_iter, key="iteration")
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=resume, resume_at=start_iter, key="iteration")
+if run.record:  # the settings changed on resume, as such
+    log.write(run.record)
 # one base copy (METHOD 6): the teachers, the anchor and the student add only their LoRA parameters
 sizes = {"base": sum(p.numel() for n, p in transformer.named_parameters() if ".lora_" not in n),  # global sizes, also of DTensors
          **{a: sum(p.numel() for p in transformer.adapter_parameters(a)) for a in transformer.adapter_names()}}

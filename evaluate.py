@@ -100,6 +100,9 @@ PRESETS = {
 }
 config = M.configure(globals(), PRESETS)
 config = {k: v for k, v in config.items() if not k.isupper()}
+torch_dtype = M.torch_dtype(dtype)  # a bad --dtype or --out_dir fails here, before anything loads
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise M.UserError(f"{out_dir}: --out_dir is an existing file, not a folder; choose another --out_dir")
 
 # -- what to run: models, benchmarks (prompts), rewards; every input is checked before any image is made ----
 dist = M.setup_distributed(device or None)
@@ -198,7 +201,6 @@ for b in list(chosen):
         chosen.remove(b)
 
 # the base model with every adapter on it: one model's memory, switched per model (METHOD 6)
-torch_dtype = getattr(torch, dtype)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
 transformer = pipe.transformer.eval()
 latent_shape = pipe.latent_shape(resolution)
@@ -222,8 +224,9 @@ def check_settings(folder, settings, prompt_list):
     path = os.path.join(folder, "settings.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = M.read_json(path, "settings file", f"delete {folder} to regenerate its images")
+    if not isinstance(saved, dict):
+        raise M.UserError(f"{path}: not a settings object; delete {folder} to regenerate its images")
     diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
     n = min(len(saved.get("prompts", [])), len(prompt_list))
     if saved.get("prompts", [])[:n] != prompt_list[:n]:
@@ -239,8 +242,15 @@ def write_text(path, text):
     M._atomic(write, path)
 
 
+def read_png(path):
+    try:
+        return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    except Exception as e:  # truncated, not a PNG: PIL's UnidentifiedImageError, OSError, ...
+        raise M.UserError(f"{path}: not a readable image ({type(e).__name__}); delete it and run again to regenerate it") from None
+
+
 def read_pngs(files):
-    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    return torch.stack([read_png(f) for f in files])
 
 
 def write_png(image, path):
@@ -367,7 +377,7 @@ for name in models:
         os.makedirs(folder, exist_ok=True)
         if dist.master:
             saved = os.path.join(folder, "settings.json")
-            old = json.load(open(saved)).get("prompts", []) if os.path.isfile(saved) else []
+            old = M.read_json(saved).get("prompts", []) if os.path.isfile(saved) else []
             write_text(saved, json.dumps({**settings_of(name), "prompts": max(old, t["prompts"], key=len)}, indent=1))
         work = [(p, k) for p in range(len(t["prompts"])) for k in range(t["images_per_prompt"])]
         batches = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]

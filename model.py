@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import kernels as K  # fused CUDA ops with plain PyTorch twins; off unless FLOWOPD_KERNELS=1
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 class UserError(RuntimeError):
@@ -50,6 +51,77 @@ def _excepthook(kind, value, tb):
 
 sys.excepthook = _excepthook
 
+
+# Every file a run reads goes through one of these: a missing, truncated, corrupt or mismatched file is a
+# UserError "PATH: what is wrong; what to do", printed as one line, never a traceback from deep inside a parser.
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    text = text[0] if text else type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_text(path, what="file", fix="save it as UTF-8 text"):
+    """A text file's contents; a file that is not UTF-8 is an error naming its line and column."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read this {what} ({e.strerror or _first_line(e)})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at column {column}); {fix}") from None
+
+
+def _parse_json(text, path, fix):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); {fix}") from None
+
+
+def read_json(path, what="file", fix="re-create or re-download it"):
+    """A JSON file, parsed; missing, non-UTF-8 or malformed: a one-line error naming the file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found; {fix}")
+    return _parse_json(read_text(path, what, fix), path, fix)
+
+
+def read_safetensors(path, fix="re-create or re-download it", metadata=False):
+    """All tensors of a .safetensors file (and its header metadata if metadata=True); a truncated or garbage
+    file is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; {fix}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type (header, truncation), OSError, MemoryError on a huge header
+        raise UserError(f"{path}: not a readable .safetensors file, truncated or corrupt ({_first_line(e)}); {fix}") from None
+    return (tensors, header) if metadata else tensors
+
+
+def read_torch(path, fix="re-create it"):
+    """torch.load(path, weights_only=True): tensors and plain containers only, never arbitrary pickled code; a
+    truncated or foreign file is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip ("failed finding central directory"), an unpickling error, ...
+        raise UserError(f"{path}: not a readable torch file, truncated or corrupt ({_first_line(e)}); {fix}") from None
+
+
+def torch_dtype(name):
+    """--dtype=NAME as a torch dtype; anything else is a one-line error listing the choices."""
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserError(f"--dtype={name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16")
+    return value
+
 # -----------------------------------------------------------------------------------------------
 # 1. Config: nanoGPT's configurator, with presets.
 # A script keeps its defaults as plain globals; configure(globals(), PRESETS) applies, in order,
@@ -60,10 +132,13 @@ sys.excepthook = _excepthook
 def configure(scope, presets, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keys = [k for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, dict, type(None)))]
+    if any(a in ("-h", "--help", "-help", "help") for a in argv):
+        print(_help(scope, presets, keys, argv))
+        raise SystemExit(0)
     args = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"arguments look like --key=value, got {arg!r}")
+            raise UserError(f"arguments look like --key=value, got {arg!r} (--help lists the settings)")
         key, value = arg[2:].split("=", 1)
         args[key.replace("-", "_")] = value
     preset = args.pop("preset", scope.get("preset"))
@@ -76,9 +151,11 @@ def configure(scope, presets, argv=None):
         path = args.pop("config")
         if not os.path.isfile(path):
             raise UserError(f"config file {path} not found")
-        text = open(path).read()
+        text = read_text(path, "a --config file")
         if path.endswith(".json"):
-            from_file = json.loads(text)
+            from_file = _parse_json(text, path, "fix the file")
+            if not isinstance(from_file, dict):
+                raise UserError(f"{path}: a JSON config file holds one object {{key: value}}")
         else:
             from_file = {}
             for n, line in enumerate(text.splitlines(), 1):
@@ -93,6 +170,53 @@ def configure(scope, presets, argv=None):
     for k, v in args.items():
         _set(scope, keys, k, _literal(v), "--" + k)
     return {k: scope[k] for k in keys if k in scope}
+
+
+def _setting_comments(path):
+    """{key: its comment} from a script's `key = value  # comment` lines at the top level (and the comment lines
+    right under one, indented): what --help prints beside each setting."""
+    import io
+    import tokenize
+    comments, key, line_of_key = {}, None, -1
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(open(path, encoding="utf-8").read()).readline))
+    except (OSError, tokenize.TokenError, SyntaxError, UnicodeDecodeError):
+        return comments
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 0 and i + 1 < len(tokens) and tokens[i + 1].string == "=":
+            key, line_of_key = tok.string, tok.start[0]
+        elif tok.type == tokenize.COMMENT and key is not None:
+            if tok.start[0] == line_of_key or (tok.start[1] > 0 and tok.line[:tok.start[1]].strip() == "" and
+                                               tok.start[0] == line_of_key + 1 + comments.get(key, "").count("\n")):
+                text = tok.string.lstrip("#").strip()
+                comments[key] = f"{comments[key]}\n{text}" if key in comments else text
+        elif tok.type == tokenize.NAME and tok.start[1] == 0:
+            key = None
+    return comments
+
+
+def _help(scope, presets, keys, argv):
+    """The script's docstring, then every setting with its default and comment, and what the chosen preset changes."""
+    chosen = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), scope.get("preset"))
+    changes = presets.get(chosen, {}) if chosen in presets else {}
+    comments = _setting_comments(scope.get("__file__", "")) if scope.get("__file__") else {}
+    short = lambda v: (lambda r: r if len(r) <= 70 else r[:67] + "...")(repr(v))
+    lines = [(scope.get("__doc__") or "").strip(), "",
+             "settings: --key=value (Python literals; bare words are strings), --config=FILE (JSON, or `key = value` lines),",
+             f"--preset=NAME (one of: {', '.join(presets) or 'none'}). Default, then [what preset {chosen!r} sets]:", ""]
+    for k in keys:
+        if k == "preset" or k.isupper():  # constants (PRESETS, TOY_TASKS, ...) are settable but not settings
+            continue
+        row = f"  --{k}={short(scope[k])}"
+        if k in changes and changes[k] != scope[k]:
+            row += f"   [{chosen}: {short(changes[k])}]"
+        comment = comments.get(k, "")
+        if comment:
+            first, *rest = comment.split("\n")
+            row = f"{row:<52} # {first}" if len(row) < 52 else f"{row}\n{'':52} # {first}"
+            row += "".join(f"\n{'':52} # {r}" for r in rest)
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def _literal(text):
@@ -471,7 +595,10 @@ def read_safetensors_folder(folder, stem="diffusion_pytorch_model"):
     """All tensors of `folder/stem.safetensors`, or of the shards listed in `stem.safetensors.index.json`."""
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        weight_map = read_json(index, "shard index", "re-download the model").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' {{tensor: shard file}} in this index; re-download the model")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(folder, f"{stem}.safetensors")):
         files = [f"{stem}.safetensors"]
     else:
@@ -481,7 +608,7 @@ def read_safetensors_folder(folder, stem="diffusion_pytorch_model"):
         path = os.path.join(folder, f)
         if not os.path.isfile(path):
             raise UserError(f"shard {path} listed in the index is missing; re-download the model")
-        state.update(load_file(path))
+        state.update(read_safetensors(path, "re-download the model (or re-save the weights)"))
     return state
 
 
@@ -489,9 +616,16 @@ def load_transformer(folder, device="cpu", dtype=torch.float32):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"no transformer config at {config_path}")
-    config = {k: v for k, v in json.load(open(config_path)).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = SD3Transformer(config)
+    config = read_json(config_path, "transformer config", "re-download the model")
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: a transformer config is a JSON object; re-download the model")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = SD3Transformer(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{config_path}: not an SD3 transformer config ({type(e).__name__}: {_first_line(e)}); "
+                        f"re-download the model") from None
     model = model.to_empty(device="cpu")
     model.pos_embed.pos_embed.copy_(sincos_pos_table(model.pos_embed.proj.out_channels, model.pos_embed.max_size,
                                                      config["sample_size"] // config["patch_size"])[None])
@@ -689,8 +823,8 @@ def write_adapter(state, folder, format="peft", base_model=""):
 def read_adapter(path):
     """Read an adapter folder or file in either public format (or a hub id) -> ({module: (A, B, scale)}, info)."""
     path = resolve_path(path, what="adapter", allow_patterns=["*.safetensors", "*.json"])
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):  # a run's folder: its newest checkpoint
-        path = latest_checkpoint(path) or path
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "adapter")) and latest_checkpoint(path):
+        path = latest_checkpoint(path)  # a run's folder: its newest checkpoint
     if os.path.isdir(os.path.join(path, "adapter")):  # a checkpoint folder: its adapter
         path = os.path.join(path, "adapter")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -699,15 +833,22 @@ def read_adapter(path):
     if not files:
         raise UserError(f"{path}: no adapter_model.safetensors (peft) or pytorch_lora_weights.safetensors (diffusers) there")
     file = files[0]
-    with safe_open(file, framework="pt") as f:
-        header = f.metadata() or {}
-    tensors = load_file(file)
-    config = {}
+    fix = "re-create the adapter (or re-download it)"
+    tensors, header = read_safetensors(file, fix, metadata=True)
+    config, where = {}, file
     peft_config = os.path.join(os.path.dirname(file), "adapter_config.json")
     if os.path.isfile(peft_config) and os.path.basename(file) == "adapter_model.safetensors":
-        config = json.load(open(peft_config))
+        config = read_json(peft_config, "adapter config", fix)
+        where = peft_config
     elif "lora_adapter_metadata" in header:
-        config = {k.split(".", 1)[1]: v for k, v in json.loads(header["lora_adapter_metadata"]).items() if k.startswith("transformer.")}
+        meta = _parse_json(header["lora_adapter_metadata"], f"{file} (header lora_adapter_metadata)", fix)
+        config = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith("transformer.")} if isinstance(meta, dict) else None
+        where = f"{file} (header lora_adapter_metadata)"
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("alpha_pattern", "rank_pattern")) \
+            or not all(isinstance(config.get(k, 1), (int, float)) and not isinstance(config.get(k, 1), bool) and config.get(k, 1) > 0
+                       for k in ("r", "lora_alpha")):
+        raise UserError(f"{where}: not a LoRA config (r and lora_alpha positive numbers, rank_pattern and alpha_pattern "
+                        f"objects); {fix}")
     if config.get("use_dora"):
         raise UserError(f"{path}: DoRA adapters are not supported")
     pairs = {}
@@ -724,10 +865,17 @@ def read_adapter(path):
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{path}: {module} has lora_{'B' if 'A' in ab else 'A'} missing")
+        if ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1] or not ab["A"].is_floating_point() \
+                or not ab["B"].is_floating_point():
+            raise UserError(f"{file}: {module} has lora_A {tuple(ab['A'].shape)} {ab['A'].dtype} and lora_B {tuple(ab['B'].shape)} "
+                            f"{ab['B'].dtype}, not a LoRA pair (floating point, (r, in) and (out, r)); {fix}")
         r = ab["A"].shape[0]
         alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r))  # no metadata: scale 1, as diffusers
         r_cfg = config.get("rank_pattern", {}).get(module, r)
-        scale = alpha / math.sqrt(r_cfg) if config.get("use_rslora") else alpha / r_cfg
+        try:
+            scale = alpha / math.sqrt(r_cfg) if config.get("use_rslora") else alpha / r_cfg
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise UserError(f"{where}: the rank or alpha of {module} ({r_cfg!r}, {alpha!r}) is not a positive number; {fix}") from None
         state[module] = (ab["A"].float(), ab["B"].float(), float(scale))
     info = {"base_model": config.get("base_model_name_or_path", header.get("base_model", "")), "file": file}
     return state, info
@@ -789,7 +937,9 @@ class TextEncoders:
     concatenated on features (768 + 1280) and zero-padded to the T5 width (4096), then concatenated on
     the sequence with T5's tokens; pooled = CLIP-L pooled ++ CLIP-G pooled (the projected text_embeds).
     Frozen, eval mode; a cache keyed by prompt (groups repeat prompts; the empty negative prompt is
-    encoded once); offload() moves the encoders to the CPU once all prompts are encoded."""
+    encoded once); offload() moves the encoders to the CPU once all prompts are encoded. Each prompt is
+    encoded alone: batched, an embedding's last bits would depend on the prompts that shared its batch, so
+    on what the cache held, and a resumed run (whose cache starts empty) would not be bitwise the uninterrupted one."""
 
     def __init__(self, clip_l, clip_g, t5, tokenizers, t5_length, joint_dim, device, cache_budget=1 << 30):
         self.encoders = [clip_l.eval().requires_grad_(False), clip_g.eval().requires_grad_(False),
@@ -817,13 +967,14 @@ class TextEncoders:
             t5 = clip.new_zeros(len(prompts), self.t5_length, self.joint_dim)
         return torch.cat([clip, t5.to(clip.device)], dim=1).to(self.device), torch.cat(pooled, dim=-1).to(self.device)
 
-    def encode(self, prompts, batch_size=64):
-        """list of prompts -> (embeds (B, L, joint_dim), pooled (B, P)) on self.device."""
+    def encode(self, prompts):
+        """list of prompts -> (embeds (B, L, joint_dim), pooled (B, P)) on self.device. Every prompt is encoded
+        alone (a batch of one), so its embedding is the same whatever else is encoded with it or cached."""
         todo = sorted({p for p in prompts if p not in self.cache})
         fresh = {}
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            fresh.update(zip(chunk, zip(*self._encode(chunk))))
+        for p in todo:
+            embeds, pooled = self._encode([p])
+            fresh[p] = (embeds[0], pooled[0])
         found = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
         for p, value in fresh.items():  # then remember the new ones, forgetting the oldest beyond the budget
             self.cache[p] = value
@@ -833,8 +984,7 @@ class TextEncoders:
         return torch.stack([e for e, _ in found]), torch.stack([q for _, q in found])
 
     def clear(self):
-        """Forget the cached embeddings. An embedding differs in its last bits with the batch it was encoded
-        in, so after clear() an encoding depends only on the prompts of the call that makes it."""
+        """Forget the cached embeddings (to free memory; an encoding never depends on the cache)."""
         self.cache, self.cache_bytes = {}, 0
 
     def offload(self):
@@ -933,27 +1083,39 @@ class Pipeline:
         return (self.codec.channels, resolution // self.codec.factor, resolution // self.codec.factor)
 
 
+def _from_pretrained(what, folder, load):
+    """A diffusers / transformers from_pretrained call whose failure on a missing or corrupt file is one line."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{folder}: cannot load the {what} ({type(e).__name__}: {_first_line(e)}); "
+                        f"re-download the model or repair this folder") from None
+
+
 def load_codec(folder, device="cpu", dtype=torch.float32):
-    cfg = json.load(open(os.path.join(folder, "config.json")))
-    if cfg.get("_class_name") == "PixelShuffleCodec":
-        return PixelCodec(cfg["factor"], cfg.get("scaling_factor", 1.0), cfg.get("shift_factor", 0.0))
+    cfg = read_json(os.path.join(folder, "config.json"), "codec config", "re-download the model")
+    if isinstance(cfg, dict) and cfg.get("_class_name") == "PixelShuffleCodec":
+        return _from_pretrained("pixel codec", folder, lambda: PixelCodec(cfg["factor"], cfg.get("scaling_factor", 1.0), cfg.get("shift_factor", 0.0)))
     from diffusers import AutoencoderKL
-    return VAECodec(AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).to(device))
+    return VAECodec(_from_pretrained("VAE", folder, lambda: AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).to(device)))
 
 
 def load_text_encoders(path, device="cpu", dtype=torch.float32, t5_length=128):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
-    index = json.load(open(os.path.join(path, "model_index.json")))
-    clip_l = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype).to(device)
-    clip_g = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder_2"), dtype=dtype).to(device)
-    has_t5 = (index.get("text_encoder_3") or [None])[0] is not None and os.path.isdir(os.path.join(path, "text_encoder_3"))
-    t5 = T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_3"), dtype=dtype).to(device) if has_t5 else None
-    tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
-                  AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_2")),
-                  AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_3")) if has_t5 else None]
-    joint_dim = json.load(open(os.path.join(path, "transformer", "config.json")))["joint_attention_dim"]
+    index = read_json(os.path.join(path, "model_index.json"), "pipeline index", "re-download the model")
+    sub = lambda name: os.path.join(path, name)
+    load = lambda cls, name: _from_pretrained(name.replace("_", " "), sub(name), lambda: cls.from_pretrained(sub(name), dtype=dtype).to(device))
+    clip_l = load(CLIPTextModelWithProjection, "text_encoder")
+    clip_g = load(CLIPTextModelWithProjection, "text_encoder_2")
+    has_t5 = (index.get("text_encoder_3") or [None])[0] is not None and os.path.isdir(sub("text_encoder_3"))
+    t5 = load(T5EncoderModel, "text_encoder_3") if has_t5 else None
+    tokenizers = [_from_pretrained(name, sub(name), lambda name=name: AutoTokenizer.from_pretrained(sub(name)))
+                  for name in ("tokenizer", "tokenizer_2", "tokenizer_3")[:3 if has_t5 else 2]] + ([] if has_t5 else [None])
+    joint_dim = read_json(sub(os.path.join("transformer", "config.json")), "transformer config", "re-download the model")["joint_attention_dim"]
     return TextEncoders(clip_l, clip_g, t5, tokenizers, t5_length, joint_dim, device)
 
 
@@ -968,7 +1130,7 @@ def load_pipeline(path, device="cpu", dtype=torch.float32, text_dtype=None, vae_
     transformer = load_transformer(os.path.join(path, "transformer"), device, dtype)
     text = load_text_encoders(path, device, text_dtype or dtype, t5_length) if text_encoders else None
     codec = load_codec(os.path.join(path, "vae"), device, vae_dtype)
-    sched = json.load(open(os.path.join(path, "scheduler", "scheduler_config.json")))
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"), "scheduler config", "re-download the model")
     return Pipeline(transformer, text, codec, float(sched.get("shift", 1.0)), path)
 
 
@@ -1519,10 +1681,34 @@ def save_checkpoint(out_dir, step, write, keep=3):
         shutil.rmtree(final)
     os.rename(tmp, final)
     _atomic(lambda p: open(p, "w").write(os.path.basename(final)), os.path.join(out_dir, "latest"))
-    done = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and ".tmp" not in d)
+    done = [f for _, f in _step_folders(out_dir)]
     for old in done[:-keep] if keep else []:
-        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temporaries(out_dir)
     return final
+
+
+def _step_folders(out_dir):
+    """[(step, folder)] of the finished checkpoints step_NNNNNN in out_dir, oldest first. A save renames its
+    temporary folder to step_NNNNNN only once everything is written in it, so each of these is complete."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir)
+             for m in [re.fullmatch(r"step_(\d+)", d)] if m and os.path.isdir(os.path.join(out_dir, d))]
+    return sorted(found)
+
+
+def remove_stale_temporaries(out_dir):
+    """Remove what saves killed midway left in out_dir: step_N.tmpPID/ folders and NAME.tmpPID files of other
+    processes (one run writes to an out_dir at a time). Returns their names."""
+    stale = []
+    for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(r".+\.tmp(\d+)", d)
+        if m and int(m.group(1)) != os.getpid():
+            path = os.path.join(out_dir, d)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            stale.append(d)
+    return stale
 
 
 def save_lora_checkpoint(out_dir, step, transformer, adapter, optimizer, ema, counters, config, base_model, keep=3):
@@ -1547,11 +1733,97 @@ def save_lora_checkpoint(out_dir, step, transformer, adapter, optimizer, ema, co
 
 
 def latest_checkpoint(out_dir):
-    path = os.path.join(out_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    folder = os.path.join(out_dir, open(path).read().strip())
-    return folder if os.path.isdir(folder) else None
+    """The newest finished checkpoint folder in out_dir, or None. Whatever `latest` says: it is written after
+    the rename, so a run killed in between (or a `latest` edited or lost) must not hide the newest checkpoint."""
+    folders = _step_folders(out_dir)
+    return folders[-1][1] if folders else None
+
+
+@dataclass
+class Resume:
+    """Where a run starts (resume_run): from checkpoint `folder` (None: from the beginning) at `start`."""
+    folder: str = None    # the checkpoint resumed from
+    state: dict = None    # its trainer_state.pt
+    start: int = 0        # the iteration (or step) the run goes on from
+    changed: dict = None  # {setting: [its value at the checkpoint, now]}: applied from `start` on
+    record: dict = None   # the log record that says so (None when nothing changed)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # as config.json holds it: tuples are lists
+
+
+def _run_files(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if d in ("log.jsonl", "latest") or re.fullmatch(r"step_\d+", d))
+
+
+def resume_run(out_dir, resume, config, fixed=(), key="iteration", master=True):
+    """Decide where a training run starts, before any model loads; every refusal is a one-line UserError.
+
+    resume=False: out_dir must not hold a run already (log.jsonl, latest, step_*/): a new run never overwrites
+    or deletes another's log and checkpoints. resume=True: the newest finished checkpoint (whatever `latest`
+    says; said so when it differs), or, with none, a fresh start (said so). Settings in `fixed` (names, or
+    (name, f) to compare f(value), e.g. ("ema_decay", bool): on or off) are what the checkpoint embodies (the
+    model, the adapter's rank and targets, ...): a changed one is refused. Every other changed setting is
+    applied from the checkpoint on (the caller sets the optimizer's lr and weight decay through
+    load_optimizer_state) and listed in Resume.changed / .record. Leftovers of saves killed midway are removed."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: --out_dir is an existing file, not a folder; choose another --out_dir")
+    parent = out_dir
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK):
+        raise UserError(f"{out_dir}: cannot write there ({parent or '.'} is not writable); choose another --out_dir")
+    held = _run_files(out_dir)
+    if not resume:
+        if held:
+            raise UserError(f"{out_dir}: already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); pass "
+                            f"--resume=True to continue it, or give another --out_dir (or delete that folder) for a new run")
+        return Resume(changed={})
+    if master:
+        stale = remove_stale_temporaries(out_dir)
+        if stale:
+            print(f"resume: removed {', '.join(stale)}: left by a save that was killed midway")
+    folders = _step_folders(out_dir)
+    if not folders:
+        if master:
+            why = "does not exist" if not os.path.isdir(out_dir) else "holds no checkpoint"
+            log_note = " (the lines of its log.jsonl, from before any checkpoint, are replaced)" \
+                if os.path.isfile(os.path.join(out_dir, "log.jsonl")) else ""
+            print(f"resume: {out_dir} {why}: starting fresh at {key} 0{log_note}")
+        return Resume(changed={})
+    start, folder = folders[-1]
+    before = f"delete {folder} to resume from {folders[-2][1]}" if len(folders) > 1 else f"delete {folder} to start over"
+    state = read_torch(os.path.join(folder, "trainer_state.pt"), fix=f"this checkpoint is damaged: {before}")
+    if not isinstance(state, dict) or not isinstance(state.get(key), int):
+        raise UserError(f"{os.path.join(folder, 'trainer_state.pt')}: not a trainer state of this script (no {key!r} counter); "
+                        f"{before}, or resume with the script that wrote it")
+    start = state[key]
+    config_path = os.path.join(folder, "config.json")
+    saved = read_json(config_path, "checkpoint config", f"this checkpoint is damaged: {before}") if os.path.exists(config_path) else {}
+    if not isinstance(saved, dict):
+        raise UserError(f"{config_path}: not a config (a JSON object); this checkpoint is damaged: {before}")
+    for item in fixed:
+        name, same = item if isinstance(item, tuple) else (item, lambda v: v)
+        if name in saved and name in config and same(_plain(saved[name])) != same(_plain(config[name])):
+            raise UserError(f"{config_path}: {name} was {saved[name]!r} in this run and is {config[name]!r} now; {name} cannot "
+                            f"change on resume (the checkpoint holds what it made): leave it at {saved[name]!r} to resume, "
+                            f"or start a new run in another --out_dir")
+    changed = {k: [saved[k], v] for k, v in config.items()  # where the run lives and how it was started are not settings
+               if k in saved and k not in ("resume", "out_dir") and _plain(saved[k]) != _plain(v)}
+    if master:
+        latest = os.path.join(out_dir, "latest")
+        named = open(latest, errors="replace").read().strip() if os.path.isfile(latest) else None
+        note = "" if named == os.path.basename(folder) else \
+            f" (the newest finished checkpoint; {out_dir}/latest {'names ' + repr(named) if named else 'is missing'})"
+        print(f"resume: from {folder} at {key} {start}{note}")
+        if changed:
+            print("resume: settings changed since that checkpoint, applied from here on: " +
+                  ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    record = {key: start, "resumed_from": os.path.basename(folder), "changed": changed} if changed else None
+    return Resume(folder, state, start, changed, record)
 
 
 def optimizer_state(model, optimizer):
@@ -1560,12 +1832,15 @@ def optimizer_state(model, optimizer):
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model, optimizer, state):
+def load_optimizer_state(model, optimizer, state, **settings):
     """strict=False: AdamW creates a parameter's state at its first gradient, and some trainable parameters
     never get one (the last block's norm_added_q: its text queries are unused), so a saved state lacks them.
-    Loaded without state, they stay as they were: untouched."""
+    Loaded without state, they stay as they were: untouched. `settings` (lr=, weight_decay=) then replace the
+    saved ones in every parameter group: the run's current settings, not the checkpoint's, are what it uses."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for group in optimizer.param_groups:
+        group.update(settings)
 
 
 def rng_state():
@@ -1576,26 +1851,30 @@ def rng_state():
 
 
 class JsonlLog:
-    """One JSON object per line; only the master process writes. A run resumed from the checkpoint at
-    `resume_at` (the value of `key` in its records) drops the lines after it: the killed run logged steps
-    past its last checkpoint (the last one perhaps half-written), and the resumed run logs them again."""
+    """One JSON object per line; only the master process writes. It never deletes another run's log: a new
+    run (resume=False) finding a non-empty log is an error. A run resumed from the checkpoint at `resume_at`
+    (the value of `key` in its records) cuts only the lines after it: the killed run logged steps past its
+    last checkpoint (the last one perhaps half-written), and the resumed run logs them again. resume_at=0
+    (resumed, but no checkpoint yet): the run starts over and logs everything again, its setup lines too."""
 
     def __init__(self, path, enabled=True, resume=False, resume_at=None, key="step"):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if not resume and os.path.exists(path):
-                os.remove(path)
-            elif resume_at is not None and os.path.exists(path):
-                kept = []
-                for line in open(path):
+            if os.path.isfile(path) and os.path.getsize(path) and not resume:
+                raise UserError(f"{path}: another run's log is there; pass --resume=True to continue that run, or give "
+                                f"another --out_dir")
+            if resume and os.path.isfile(path):
+                lines, kept = open(path, "rb").read().decode("utf-8", "replace").splitlines(keepends=True), []
+                for line in lines if resume_at != 0 else []:
                     try:
-                        if json.loads(line).get(key, 0) > resume_at:
+                        if not line.endswith("\n") or (resume_at is not None and json.loads(line).get(key, 0) > resume_at):
                             break
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, AttributeError, TypeError):
                         break
                     kept.append(line)
-                _atomic(lambda p: open(p, "w").writelines(kept), path)
+                if len(kept) < len(lines):
+                    _atomic(lambda p: open(p, "w").writelines(kept), path)
 
     def write(self, record):
         if self.enabled:

@@ -112,13 +112,70 @@ def register_reward(name):
     return decorate
 
 
+class RewardOutputError(ValueError):
+    """A reward returned something other than (one finite-or-not float score per image, a dict of details)."""
+
+
+_OUTPUT_ERROR = []
+
+
+def _user_error(message):
+    """A RewardOutputError that is also model.UserError where the stage scripts run (printed as one line)."""
+    if not _OUTPUT_ERROR:
+        try:
+            from model import UserError
+            _OUTPUT_ERROR.append(type("RewardOutputError", (UserError, RewardOutputError), {}))
+        except ImportError:
+            _OUTPUT_ERROR.append(RewardOutputError)
+    return _OUTPUT_ERROR[0](message)
+
+
+def check_output(name, output, n):
+    """A reward call's result as (float32 scores (n,) on the CPU, details dict), or a one-line error that says
+    what is wrong with it: the wrong count, shape or type. Non-finite scores pass (the stages skip them)."""
+    how = f"a reward returns (scores, details): one float score per image (a list or 1-D tensor of {n}) and a dict"
+    if not isinstance(output, (tuple, list)) or len(output) != 2 or not isinstance(output[1], dict):
+        raise _user_error(f"reward {name!r} returned {type(output).__name__} {_short(output)}; {how}")
+    scores, details = output
+    numbers = isinstance(scores, torch.Tensor) or (isinstance(scores, np.ndarray) and scores.dtype.kind in "fiu") or (
+        isinstance(scores, (list, tuple)) and all(isinstance(s, (int, float, np.integer, np.floating)) or
+                                                  (isinstance(s, torch.Tensor) and s.numel() == 1) for s in scores))
+    if not numbers:
+        raise _user_error(f"reward {name!r} returned scores {_short(scores)}, not numbers; {how}")
+    t = scores.detach().cpu() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray([float(s) for s in scores]))
+    if t.dtype in (torch.bool, torch.complex64, torch.complex128) or t.ndim != 1 or len(t) != n:
+        raise _user_error(f"reward {name!r} returned scores of shape {tuple(t.shape)} and dtype {t.dtype} for {n} images; {how}")
+    return t.to(torch.float32), details
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class CheckedReward:
+    """Your own reward (module:Class) with its output checked on every call (check_output); anything else
+    (attributes, load()) is the reward's own."""
+
+    def __init__(self, reward, name):
+        self.reward, self.spec = reward, name
+
+    def __call__(self, images, prompts, metadata=None):
+        n = len(images)
+        return check_output(self.spec, self.reward(images, prompts, metadata), n)
+
+    def __getattr__(self, attr):
+        return getattr(self.__dict__["reward"], attr)
+
+
 def get_reward(name, **kwargs):
-    """A registered reward by name, or your own Reward subclass as "package.module:ClassName"."""
+    """A registered reward by name, or your own Reward subclass as "package.module:ClassName" (its output is
+    checked on every call: a wrong count, shape or type is a one-line error, not a crash further on)."""
     if ":" in name:
         import importlib
         module, _, cls = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), cls)(**kwargs)
+            return CheckedReward(getattr(importlib.import_module(module), cls)(**kwargs), name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"reward {name!r}: cannot import {cls} from {module} ({err})") from None
     if name not in REWARDS:
@@ -161,6 +218,9 @@ class Reward:
             scores.extend(float(s) for s in batch_scores)
             for key, values in batch_details.items():
                 details[key].extend(values)
+        if len(scores) != len(images):
+            raise _user_error(f"reward {self.name!r} gave {len(scores)} scores for {len(images)} images; its "
+                              f"score_batch must return one score per image")
         scores = torch.tensor(scores, dtype=torch.float32)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"{self.name} produced non-finite scores at {torch.nonzero(~torch.isfinite(scores)).flatten().tolist()}")
@@ -916,8 +976,13 @@ def load_prompts(path):
     if extension not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: prompt files are .txt (one prompt per line) or .jsonl (GenEval rows), not {extension!r}")
     prompts, metadata = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                 f"save the file as UTF-8") from None
             if not line.strip():
                 continue
             if extension == ".txt":

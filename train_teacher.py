@@ -88,7 +88,9 @@ try:
     reward_fn = rewards.get_reward(reward, device=dist.device, **reward_kwargs)
 except (ValueError, OSError) as e:
     raise M.UserError(str(e)) from None
-torch_dtype = getattr(torch, dtype)
+torch_dtype = M.torch_dtype(dtype)
+run = M.resume_run(out_dir, resume, config, ("model", "lora_rank", "lora_alpha", "lora_targets", "init_adapter", "ema"),
+                   "iteration", dist.master)  # before the model loads: where the run starts; settings it cannot change
 M.seed_everything(seed)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
 transformer = pipe.transformer
@@ -97,11 +99,8 @@ sigmas = M.sigma_schedule(num_steps, pipe.shift).to(dist.device)
 trained_steps = list(range(min(num_steps - 1, int(num_steps * timestep_fraction))))  # SDE steps only
 
 # the policy: one LoRA named "policy"; with it switched off the same network is the KL reference
-start_iter, state = 0, None
-ckpt = M.latest_checkpoint(out_dir) if resume else None
+start_iter, state, ckpt = run.start, run.state, run.folder
 if ckpt:
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    start_iter = state["iteration"]
     M.load_adapter(transformer, "policy", os.path.join(ckpt, "adapter"), trainable=True)
 elif init_adapter:
     M.load_adapter(transformer, "policy", init_adapter, trainable=True)
@@ -115,13 +114,15 @@ params = list(named.values())
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
 ema_weights = M.EMA(named.items(), ema_decay, ema_every) if ema else None
 if state is not None:
-    M.load_optimizer_state(transformer, optimizer, state["optimizer"])
+    M.load_optimizer_state(transformer, optimizer, state["optimizer"], lr=lr, weight_decay=weight_decay)  # today's settings
     if ema_weights is not None:
         ema_weights.load_state_dict(state["ema"])
 skipped = state["skipped"] if state else 0
 optimizer_step = state["optimizer_step"] if state else 0
 negative = pipe.text.encode([""])
-log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=bool(ckpt), resume_at=start_iter, key="iteration")
+log = M.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist.master, resume=resume, resume_at=start_iter, key="iteration")
+if run.record:  # the settings changed on resume, as such
+    log.write(run.record)
 reward_thread = ThreadPoolExecutor(1)  # scores batch b while batch b + 1 samples
 
 
