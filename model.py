@@ -1490,6 +1490,53 @@ def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
     return loss, stats
 
 
+def nft_optimality(advantages, clip):
+    """DiffusionNFT's optimality probability (METHOD 3b.2): r = clip(A, -c, c) / (2c) + 1/2, in [0, 1]."""
+    return (advantages.clamp(-clip, clip) / (2 * clip) + 0.5).clamp(0, 1)
+
+
+def nft_loss(v_theta, v_old, latents, noise, sigma, r, beta, weighting="adaptive"):
+    """DiffusionNFT's loss (METHOD 3b.3), per sample (B,): with u = e - x0 the data velocity at
+    x_s = (1 - s) x0 + s e, the implicit positive and negative policies
+        v+ = (1 - beta) v_old + beta v_theta,    v- = (1 + beta) v_old - beta v_theta,
+    and L = [r ||v+ - u||^2 + (1 - r) ||v- - u||^2] / beta. weighting="velocity": the squared norms as
+    written (mean over elements). "adaptive" (the paper's code): each branch as an x0-prediction,
+    x0_hat = x_s - s v, its squared error divided by its own detached mean absolute error (per sample,
+    floored at 1e-5); since x0_hat - x0 = -s (v - u) that is s ||v - u||^2 / mean|v - u|. v_old is detached."""
+    x0, e, v_theta, v_old = _f32(latents), _f32(noise), _f32(v_theta), _f32(v_old).detach()
+    u = e - x0
+    branches = [(1 - beta) * v_old + beta * v_theta, (1 + beta) * v_old - beta * v_theta]
+    if weighting == "velocity":
+        pos, neg = [((v - u) ** 2).flatten(1).mean(1) for v in branches]
+    elif weighting == "adaptive":
+        s = _per_sample(sigma, x0)
+        x_s = (1 - s) * x0 + s * e
+        errors = [(x_s - s * v) - x0 for v in branches]
+        pos, neg = [(d ** 2).flatten(1).mean(1) / d.detach().abs().flatten(1).mean(1).clamp_min(1e-5) for d in errors]
+    else:
+        raise UserError(f"nft_weighting must be adaptive or velocity, got {weighting!r}")
+    r = r.to(pos.dtype)
+    return (r * pos + (1 - r) * neg) / beta
+
+
+def nft_decay(step, flat=0, uprate=0.001, uphold=0.5):
+    """The sampling policy's soft-update decay after `step` optimizer steps (DiffusionNFT's schedule):
+    0 for the first `flat` steps (the sampling policy is the trained one), then rising by `uprate` per step
+    up to `uphold`."""
+    return 0.0 if step < flat else min((step - flat) * uprate, uphold)
+
+
+@torch.no_grad()
+def blend_adapter(model, target, source, decay):
+    """target <- decay * target + (1 - decay) * source, layer by layer (METHOD 3b.5: theta_old <- eta theta_old
+    + (1 - eta) theta). Both adapters must have the same layers and ranks; works on FSDP2 shards alike."""
+    pairs = list(zip(model.adapter_parameters(target), model.adapter_parameters(source)))
+    if not pairs or any(a.shape != b.shape for a, b in pairs):
+        raise ValueError(f"adapters {target!r} and {source!r} do not have the same layers and ranks")
+    for a, b in pairs:
+        a.lerp_(b.detach(), 1 - decay)
+
+
 # -----------------------------------------------------------------------------------------------
 # 8. Distributed setup, checkpoints, EMA, logs and image grids.
 
@@ -1711,11 +1758,13 @@ def remove_stale_temporaries(out_dir):
     return stale
 
 
-def save_lora_checkpoint(out_dir, step, transformer, adapter, optimizer, ema, counters, config, base_model, keep=3):
+def save_lora_checkpoint(out_dir, step, transformer, adapter, optimizer, ema, counters, config, base_model, keep=3,
+                         extra_adapters=()):
     """A LoRA run's checkpoint (train_teacher.py, distill.py): the adapter and its EMA as peft folders,
-    trainer_state.pt (optimizer, EMA shadows, the run's counters) and config.json. Under FSDP every rank
+    trainer_state.pt (optimizer, EMA shadows, the run's counters) and config.json; each of `extra_adapters`
+    (e.g. DiffusionNFT's sampling policy "old") as a peft folder of its name. Under FSDP every rank
     must call it (the gathers are collective); rank 0 writes, atomically (save_checkpoint)."""
-    pieces = {"adapter": adapter_state(transformer, adapter)}
+    pieces = {"adapter": adapter_state(transformer, adapter), **{n: adapter_state(transformer, n) for n in extra_adapters}}
     if ema is not None:
         with ema.swapped():
             pieces["ema"] = adapter_state(transformer, adapter)

@@ -1,13 +1,20 @@
 """
-Stage 1 of Flow-OPD: a single-reward Flow-GRPO teacher (../shared/docs/METHOD.md section 3).
+Stage 1 of Flow-OPD: a single-reward teacher, by Flow-GRPO (the default) or DiffusionNFT (--objective=nft).
 
-Per iteration: sample groups of images per prompt with the SDE sampler (keeping every step's latents
-and log-probs), score them with ONE reward, turn rewards into per-prompt advantages, then train the LoRA
-on every kept step with the clipped ratio objective plus a KL penalty to the base model.
+Flow-GRPO (../shared/docs/METHOD.md section 3). Per iteration: sample groups of images per prompt with the SDE
+sampler (keeping every step's latents and log-probs), score them with ONE reward, turn rewards into per-prompt
+advantages, then train the LoRA on every kept step with the clipped ratio objective plus a KL penalty to the base.
+
+DiffusionNFT (METHOD 3b). Per iteration: the sampling policy (a second LoRA, "old", a slow moving average of the
+trained one) draws the groups with any sampler (the ODE by default), the same reward and advantages give each
+clean image an optimality probability r, and the LoRA learns from the images by a reward-weighted flow-matching
+loss on freshly noised copies: no log-probs, so the starting noise and every step are credited.
 
   python train_teacher.py                                   # toy world: the composition teacher, CPU, minutes
+  python train_teacher.py --preset=toy_nft                  # the same teacher by DiffusionNFT
   python train_teacher.py --reward=toy_text --prompts=toy/prompts/text_train.txt --out_dir=runs/toy/teacher_text
   torchrun --nproc_per_node=8 train_teacher.py --preset=sd35_geneval
+  torchrun --nproc_per_node=8 train_teacher.py --preset=sd35_nft_geneval
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_teacher.py --preset=sd35_ocr
 """
 import json
@@ -25,6 +32,7 @@ import rewards
 # -- config: the official SD3.5-M recipe (REWARDS.md 7.2); the default preset "toy" shrinks it to a CPU ----
 preset = "toy"
 model = "stabilityai/stable-diffusion-3.5-medium"
+objective = "grpo"            # grpo: Flow-GRPO (METHOD 3); nft: DiffusionNFT, forward-process RL (METHOD 3b)
 prompts = "data/geneval_train.jsonl"   # .txt (one prompt per line) or GenEval-style .jsonl (metadata -> reward)
 reward = "geneval"
 reward_kwargs = {}
@@ -32,7 +40,7 @@ out_dir = "runs/teacher"
 resolution = 512
 num_steps = 10                # T: SDE rollout steps (the last one is the deterministic ODE step)
 noise_level = 0.7             # a in std(s) = a sqrt(s / (1 - s))
-guidance = 4.5
+guidance = 4.5                # CFG of the sampler (GRPO: also of the trained policy, whose log-probs it defines)
 t5_length = 128
 group_size = 24               # G images per prompt (16 in the reference's 8-GPU configs)
 groups_per_iter = 48          # prompts per iteration, over all ranks
@@ -46,10 +54,20 @@ lr = 3e-4
 weight_decay = 1e-4
 clip_range = 1e-4
 adv_clip = 5.0
-kl_beta = 0.04                # 0.01 for PickScore
+kl_beta = 0.04                # 0.01 for PickScore; nft: the weight of the velocity penalty ||v_theta - v_base||^2
 kl_convention = "reference"   # reference: the published betas' convention (|dt| KL); exact: the true KL
 global_std = True
 grad_clip = 1.0
+# DiffusionNFT only (objective="nft"); group_size, adv_clip, global_std and kl_beta above are shared with GRPO
+nft_beta = 1.0                # beta: the implicit policies v+- = v_old +- beta (v_theta - v_old); the code: 1 (0.1 for OCR)
+nft_weighting = "adaptive"    # adaptive: x0-prediction error over its detached mean |error| (the code); velocity: METHOD 3b as written
+nft_levels = 0                # noise levels each image is trained at per iteration; 0: int(num_steps * timestep_fraction)
+nft_level_density = "schedule"  # schedule: distinct levels of the sampling grid, shuffled per image (the code); uniform: U(0, 1)
+nft_sampler = "ode"           # how the sampling policy draws the images: ode (the code, with DPM-Solver-2; here Euler) or sde
+train_guidance = 1.0          # CFG of the velocities in the NFT loss; 1: the conditional velocity alone (CFG-free, the paper)
+old_decay = [0, 0.001, 0.5]   # the sampling policy's soft update theta_old <- eta theta_old + (1 - eta) theta once per
+                              # iteration, eta = min(uprate * (step - flat), uphold) after `flat` optimizer steps, else 0:
+                              # [flat, uprate, uphold] (the code's default; OCR [75, 0.0075, 0.999])
 lora_rank = 32
 lora_alpha = 64.0
 lora_targets = list(M.DEFAULT_LORA_TARGETS)
@@ -77,7 +95,36 @@ PRESETS = {
     "sd35_ocr": dict(prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_ocr"),
     "sd35_pickscore": dict(prompts="data/pickscore_train.txt", reward="pickscore", out_dir="runs/teacher_pickscore", kl_beta=0.01),
 }
+# DiffusionNFT on SD3.5-M: the code's config/nft.py (NVlabs/DiffusionNFT) where it says: lr 3e-4, groups of 24, 48 per
+# iteration, 9 images per GPU batch, 10 sampling steps CFG-free, 9 training levels per image, adv clip 5, global std,
+# velocity penalty 1e-4, evaluation EMA 0.9 every step, LoRA r 32 / alpha 64 on the same 8 projections. Not published
+# there: the number of iterations (its README names a GenEval checkpoint at step 1018) and an lr schedule (none: constant).
+_SD35_NFT = dict(objective="nft", guidance=1.0, train_guidance=1.0, kl_beta=1e-4, ema_every=1, optimizer_steps_per_iter=1)
+PRESETS.update({
+    "sd35_nft_geneval": dict(_SD35_NFT, prompts="data/geneval_train.jsonl", reward="geneval", out_dir="runs/teacher_nft_geneval"),
+    "sd35_nft_ocr": dict(_SD35_NFT, prompts="data/ocr_train.txt", reward="ocr", out_dir="runs/teacher_nft_ocr", nft_beta=0.1,
+                         old_decay=[75, 0.0075, 0.999], optimizer_steps_per_iter=2),
+    "sd35_nft_pickscore": dict(_SD35_NFT, prompts="data/pickscore_train.txt", reward="pickscore", out_dir="runs/teacher_nft_pickscore"),
+    # the toy teacher by DiffusionNFT: the same prompts, reward, groups and samples per update as "toy"; why these
+    # settings: docs/toy_results.md, "GRPO and DiffusionNFT teachers side by side"
+    "toy_nft": dict(PRESETS["toy"], objective="nft", out_dir="runs/toy/teacher_nft_composition", shared_init_noise=False,
+                    sde_window=False, batch_size=32, optimizer_steps_per_iter=2, lr=1e-3, kl_beta=0.0, adv_clip=2.0,
+                    nft_weighting="velocity", nft_levels=4, nft_level_density="uniform", old_decay=[0, 0.0, 0.0], iterations=40,
+                    save_every=10),
+})
 config = M.configure(globals(), PRESETS)
+for key, value, allowed in [("objective", objective, ("grpo", "nft")), ("nft_weighting", nft_weighting, ("adaptive", "velocity")),
+                            ("nft_level_density", nft_level_density, ("schedule", "uniform")), ("nft_sampler", nft_sampler, ("ode", "sde"))]:
+    if value not in allowed:
+        raise M.UserError(f"--{key} must be one of {', '.join(allowed)}, got {value!r}")
+if objective == "nft" and (nft_beta <= 0 or len(old_decay) != 3 or not 0 <= old_decay[2] < 1):
+    raise M.UserError(f"DiffusionNFT needs --nft_beta > 0 (got {nft_beta}) and --old_decay=[flat, uprate, uphold] with "
+                      f"0 <= uphold < 1 (got {old_decay})")
+if objective == "nft" and nft_sampler == "ode" and shared_init_noise:
+    raise M.UserError("--objective=nft samples by the ODE: with --shared_init_noise=True every image of a group would be the "
+                      "same; pass --shared_init_noise=False (the toy_nft preset does) or --nft_sampler=sde")
+if objective == "nft" and nft_level_density == "schedule" and nft_levels > num_steps:
+    raise M.UserError(f"--nft_levels={nft_levels}: the sampling grid has only num_steps = {num_steps} distinct levels")
 
 # -- setup: processes, data, reward, model ------------------------------------------------------------------
 dist = M.setup_distributed(device or None)
@@ -89,7 +136,7 @@ try:
 except (ValueError, OSError) as e:
     raise M.UserError(str(e)) from None
 torch_dtype = M.torch_dtype(dtype)
-run = M.resume_run(out_dir, resume, config, ("model", "lora_rank", "lora_alpha", "lora_targets", "init_adapter", "ema"),
+run = M.resume_run(out_dir, resume, config, ("model", "objective", "lora_rank", "lora_alpha", "lora_targets", "init_adapter", "ema"),
                    "iteration", dist.master)  # before the model loads: where the run starts; settings it cannot change
 M.seed_everything(seed)
 pipe = M.load_pipeline(model, dist.device, torch_dtype, t5_length=t5_length)
@@ -106,6 +153,9 @@ elif init_adapter:
     M.load_adapter(transformer, "policy", init_adapter, trainable=True)
 else:
     M.add_adapter(transformer, "policy", lora_rank, lora_alpha, lora_targets, seed=seed)
+if objective == "nft":  # DiffusionNFT's sampling policy: a second, frozen LoRA on the same base (METHOD 3b.5)
+    old_state = M.read_adapter(os.path.join(ckpt, "old"))[0] if ckpt else M.adapter_state(transformer, "policy")
+    M.set_adapter_state(transformer, "old", old_state)
 transformer.gradient_checkpointing = gradient_checkpointing
 if dist.world > 1:
     M.shard_transformer(transformer, torch_dtype)  # replaces the parameters: collect them afterwards
@@ -128,11 +178,41 @@ reward_thread = ThreadPoolExecutor(1)  # scores batch b while batch b + 1 sample
 
 def save(iteration):
     M.save_lora_checkpoint(out_dir, iteration, transformer, "policy", optimizer, ema_weights,
-                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep)
+                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep,
+                           extra_adapters=("old",) if objective == "nft" else ())
 
 
 def save_due(iteration):
     return (iteration + 1) % save_every == 0 or iteration + 1 == iterations
+
+
+def optimizer_update(iteration):
+    """Clip, step, EMA; a non-finite gradient norm skips the update (counted). Returns the norm."""
+    global optimizer_step, skipped
+    grad_norm = M.clip_grad_norm(params, grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        optimizer_step += 1
+        if ema_weights is not None:
+            ema_weights.update(optimizer_step - 1)
+    else:
+        skipped += 1
+        print(f"warning: non-finite gradient norm at iteration {iteration + 1}; update skipped", file=sys.stderr)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def nft_noise_levels(index, iteration, levels):
+    """(B, levels) noise levels for DiffusionNFT's loss, seeded per image: `levels` distinct points of the sampling
+    grid sigmas[0 .. T-1] in a random order (the code's shuffled timesteps; s = 1 included, 0 not), or U(0, 1)."""
+    out = []
+    for i in index:
+        g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, i, 30))
+        if nft_level_density == "schedule":
+            out.append(sigmas[:num_steps].cpu()[torch.randperm(num_steps, generator=g)[:levels]])
+        else:
+            out.append(torch.rand(levels, generator=g))
+    return torch.stack(out).to(dist.device)
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -144,7 +224,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     order = [g for g in groups for _ in range(group_size)]  # global sample index -> prompt index
     batches, futures = [], []
     transformer.eval()
-    with transformer.adapter("policy"):
+    with transformer.adapter("policy" if objective == "grpo" else "old"):  # NFT: the sampling policy, theta_old
         for b in range(num_batches):
             first = (b * dist.world + dist.rank) * batch_size
             index = list(range(first, first + batch_size))  # global sample indices of this batch
@@ -152,8 +232,8 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             embeds, pooled = pipe.text.encode(batch_prompts)
             neg = (negative[0].expand(len(index), -1, -1), negative[1].expand(len(index), -1))
             roll = M.rollout(transformer, embeds, pooled, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
-                             num_steps, pipe.shift, guidance, noise_level,
-                             sde_steps=len(trained_steps) if sde_window else None,
+                             num_steps, pipe.shift, guidance, noise_level, sde=objective == "grpo" or nft_sampler == "sde",
+                             keep=objective == "grpo", sde_steps=len(trained_steps) if sde_window else None,
                              init_seeds=M.group_init_seeds(seed, iteration, index, group_size) if shared_init_noise else None)
             images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
             futures.append(reward_thread.submit(reward_fn, images, batch_prompts, [metadata_list[order[i]] for i in index]))
@@ -180,52 +260,77 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     all_rewards = gathered.permute(1, 0, 2).reshape(-1)  # back in global sample order
     advantages, zero_std = M.group_advantages(all_rewards, order, global_std, adv_clip)
     advantages = advantages.view(num_batches, dist.world, batch_size)[:, dist.rank].to(dist.device)
-    # 3. training (METHOD 3.4): recompute each kept step's log-prob on the same batches
+    # 3. training, on the same batches: Flow-GRPO (METHOD 3.4) or DiffusionNFT (METHOD 3b.3)
     t2 = time.time()
     transformer.train()
-    steps = trained_steps
-    if steps_per_iter:  # the same k steps for every batch of the iteration, the same on every rank
-        g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, 11))
-        steps = sorted(trained_steps[i] for i in torch.randperm(len(trained_steps), generator=g)[:steps_per_iter].tolist())
-    stats, per_step = [], len(steps) * (num_batches // optimizer_steps_per_iter)
-    with transformer.adapter("policy"):
-        for b, batch in enumerate(batches):
-            roll = batch["roll"]
-            for j in steps:
-                x, x_next = roll.latents[:, j], roll.latents[:, j + 1]
-                mean, step_std, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
-                                                        batch["cond"], batch["neg"], guidance)
-                log_prob = M.gaussian_log_prob(x_next, mean, step_std)
-                with torch.no_grad(), transformer.adapter(None):  # the reference: the base, adapter off
-                    ref_mean, _, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
-                                                         batch["cond"], batch["neg"], guidance)
-                policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[:, j], advantages[b], clip_range)
-                kl = M.transition_kl(mean, ref_mean, step_std, sigmas[j + 1] - sigmas[j], kl_convention).mean()
-                ((policy_loss + kl_beta * kl) / per_step).backward()
-                stats.append({**s, "policy_loss": policy_loss.detach(), "kl": kl.detach()})
-            if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
-                grad_norm = M.clip_grad_norm(params, grad_clip)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                    optimizer_step += 1
-                    if ema_weights is not None:
-                        ema_weights.update(optimizer_step - 1)
-                else:
-                    skipped += 1
-                    print(f"warning: non-finite gradient norm at iteration {iteration + 1}; update skipped", file=sys.stderr)
-                optimizer.zero_grad(set_to_none=True)
+    stats = []
+    if objective == "grpo":  # recompute each kept step's log-prob; the clipped ratio and the KL to the base
+        steps = trained_steps
+        if steps_per_iter:  # the same k steps for every batch of the iteration, the same on every rank
+            g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, 11))
+            steps = sorted(trained_steps[i] for i in torch.randperm(len(trained_steps), generator=g)[:steps_per_iter].tolist())
+        per_step = len(steps) * (num_batches // optimizer_steps_per_iter)
+        with transformer.adapter("policy"):
+            for b, batch in enumerate(batches):
+                roll = batch["roll"]
+                for j in steps:
+                    x, x_next = roll.latents[:, j], roll.latents[:, j + 1]
+                    mean, step_std, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
+                                                            batch["cond"], batch["neg"], guidance)
+                    log_prob = M.gaussian_log_prob(x_next, mean, step_std)
+                    with torch.no_grad(), transformer.adapter(None):  # the reference: the base, adapter off
+                        ref_mean, _, _ = M.step_distribution(transformer, x, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
+                                                             batch["cond"], batch["neg"], guidance)
+                    policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[:, j], advantages[b], clip_range)
+                    kl = M.transition_kl(mean, ref_mean, step_std, sigmas[j + 1] - sigmas[j], kl_convention).mean()
+                    ((policy_loss + kl_beta * kl) / per_step).backward()
+                    stats.append({**s, "policy_loss": policy_loss.detach(), "kl": kl.detach()})
+                if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
+                    grad_norm = optimizer_update(iteration)
+    else:  # DiffusionNFT: each clean image x0, freshly noised at a few levels s, trained by the reward-weighted loss
+        r = M.nft_optimality(advantages, adv_clip)  # optimality probability of each image, from its clipped advantage
+        levels = nft_levels or int(num_steps * timestep_fraction)
+        per_step = levels * (num_batches // optimizer_steps_per_iter)
+        with transformer.adapter("policy"):
+            for b, batch in enumerate(batches):
+                x0 = batch["roll"].latents[:, -1]
+                level_of = nft_noise_levels(batch["index"], iteration, levels)  # (B, levels), seeded per image
+                for k in range(levels):
+                    s = level_of[:, k]
+                    e = M.sample_noise(latent_shape, [M.sample_seed(seed, iteration, i, 20 + k) for i in batch["index"]], dist.device)[0]
+                    x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * e
+                    v_theta = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
+                    with torch.no_grad():
+                        with transformer.adapter("old"):
+                            v_old = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
+                        if kl_beta:
+                            with transformer.adapter(None):  # the velocity penalty's reference: the base
+                                v_ref = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
+                    # the code scales its loss by adv_clip (so its penalty weight 1e-4 is relative to that)
+                    policy_loss = adv_clip * M.nft_loss(v_theta, v_old, x0, e, s, r[b], nft_beta, nft_weighting).mean()
+                    kl = ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean() if kl_beta else torch.zeros((), device=dist.device)
+                    ((policy_loss + kl_beta * kl) / per_step).backward()
+                    stats.append({"policy_loss": policy_loss.detach(), "kl": kl.detach(), "r_mean": r[b].mean()})
+                if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
+                    grad_norm = optimizer_update(iteration)
+        decay = M.nft_decay(optimizer_step, *old_decay)  # then the sampling policy follows: theta_old <- eta theta_old + ...
+        M.blend_adapter(transformer, "old", "policy", decay)
+        stats[-1]["old_decay"] = torch.tensor(decay)
     times["training"] = time.time() - t2
     # 4. log, checkpoint, grid
-    mean_stat = {k: M.all_reduce_mean(torch.stack([s[k] for s in stats]).mean()).item() for k in stats[0]}
+    mean_stat = {k: M.all_reduce_mean(torch.stack([s[k] for s in stats]).mean()).item() for k in stats[0] if k != "old_decay"}
     record = {"iteration": iteration + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
               "reward_min": all_rewards.min().item(), "reward_max": all_rewards.max().item(), "zero_std_groups": zero_std,
-              "first_ratio_mean": stats[0]["ratio_mean"].item(), "first_ratio_max": stats[0]["ratio_max"].item(),
+              **({"first_ratio_mean": stats[0]["ratio_mean"].item(), "first_ratio_max": stats[0]["ratio_max"].item()}
+                 if objective == "grpo" else {"old_decay": float(stats[-1]["old_decay"])}),
               **mean_stat, "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped, "optimizer_step": optimizer_step,
               "images_per_s": samples_per_iter / (time.time() - t0), **{f"seconds_{k}": v for k, v in times.items()}}
     log.write(record)
     if dist.master:
-        tqdm.write(f"iter {iteration + 1}: reward {record['reward_mean']:.3f} kl {record['kl']:.2e} clipfrac "
-                   f"{record['clipfrac']:.2f} ratio[0] {record['first_ratio_mean']:.6f} {record['images_per_s']:.1f} img/s")
+        detail = (f"clipfrac {record['clipfrac']:.2f} ratio[0] {record['first_ratio_mean']:.6f}" if objective == "grpo"
+                  else f"loss {record['policy_loss']:.4f} eta {record['old_decay']:.3f}")
+        tqdm.write(f"iter {iteration + 1}: reward {record['reward_mean']:.3f} kl {record['kl']:.2e} {detail} "
+                   f"{record['images_per_s']:.1f} img/s")
     if save_due(iteration):
         save(iteration + 1)
     if dist.master and ((iteration + 1) % grid_every == 0 or iteration + 1 == iterations):

@@ -418,6 +418,78 @@ def test_clipped_surrogate_equals_float64_reference():
     assert (new.grad + adv / 64).abs().max() <= 1e-12
 
 
+def _nft_inputs(B=5, shape=(3, 4, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, e, v_old = (torch.randn(B, *shape, generator=g, dtype=torch.float64) for _ in range(3))
+    v_theta = v_old + 0.3 * torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    s = torch.rand(B, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    r = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)[:B]
+    return x0, e, v_old, v_theta, s, r
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_loss_equals_float64_reference(beta):
+    """METHOD 3b.3 written out in float64: both weightings, and the identity between them (x0_hat - x0 = -s (v - u))."""
+    x0, e, v_old, v_theta, s, r = _nft_inputs()
+    u = e - x0
+    v_pos, v_neg = (1 - beta) * v_old + beta * v_theta, (1 + beta) * v_old - beta * v_theta
+    msq = lambda d: (d ** 2).flatten(1).mean(1)
+    ref = (r * msq(v_pos - u) + (1 - r) * msq(v_neg - u)) / beta
+    loss = M.nft_loss(v_theta, v_old, x0, e, s, r, beta, "velocity")
+    assert loss.dtype == torch.float64 and loss.shape == (5,) and (loss - ref).abs().max() <= 1e-12
+    # adaptive: x0-predictions from x_s, each branch's squared error over its own mean absolute error
+    sb = s.view(-1, 1, 1, 1)
+    x_s = (1 - sb) * x0 + sb * e
+    branch = lambda v: msq(x_s - sb * v - x0) / (x_s - sb * v - x0).abs().flatten(1).mean(1)
+    ref = (r * branch(v_pos) + (1 - r) * branch(v_neg)) / beta
+    loss = M.nft_loss(v_theta, v_old, x0, e, s, r, beta, "adaptive")
+    assert (loss - ref).abs().max() <= 1e-12
+    same = lambda v: s * msq(v - u) / (v - u).abs().flatten(1).mean(1)  # the same in velocity terms
+    assert (loss - (r * same(v_pos) + (1 - r) * same(v_neg)) / beta).abs().max() <= 1e-12
+    with pytest.raises(M.UserError, match="nft_weighting"):
+        M.nft_loss(v_theta, v_old, x0, e, s, r, beta, "x0")
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_gradient_at_the_sampling_policy(beta):
+    """At v_theta = v_old the gradient of the batch mean is 2 (2r - 1) (v_old - (e - x0)) per element, divided
+    by the elements per sample and the batch (the mean reductions), whatever beta; v_old gets none."""
+    x0, e, v_old, _, s, r = _nft_inputs()
+    v_old.requires_grad_(True)
+    v_theta = v_old.detach().clone().requires_grad_(True)
+    M.nft_loss(v_theta, v_old, x0, e, s, r, beta, "velocity").mean().backward()
+    n = v_theta[0].numel() * len(v_theta)
+    expected = 2 * (2 * r.view(-1, 1, 1, 1) - 1) * (v_old.detach() - (e - x0)) / n
+    assert (v_theta.grad - expected).abs().max() <= 1e-15 and v_old.grad is None
+    assert v_theta.grad[2].abs().max() <= 1e-15  # r = 1/2: no preference, no gradient (up to rounding)
+
+
+def test_nft_optimality_at_the_clip_edges():
+    A = torch.tensor([-9.0, -2.0, -1.0, 0.0, 1.0, 2.0, 9.0], dtype=torch.float64)
+    r = M.nft_optimality(A, 2.0)
+    assert r.tolist() == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_nft_decay_schedule_and_adapter_blend(tiny):
+    assert [M.nft_decay(k) for k in (0, 1, 100, 499, 500, 5000)] == [0.0, 0.001, 0.1, 0.499, 0.5, 0.5]
+    ocr = [M.nft_decay(k, 75, 0.0075, 0.999) for k in (0, 74, 75, 76, 208, 10000)]
+    assert ocr[:3] == [0.0, 0.0, 0.0] and abs(ocr[3] - 0.0075) < 1e-15 and abs(ocr[4] - 0.9975) < 1e-12 and ocr[5] == 0.999
+    model = M.load_transformer(os.path.join(tiny, "transformer"))
+    M.add_adapter(model, "policy", rank=4, alpha=4.0, seed=1)
+    M.add_adapter(model, "old", rank=4, alpha=4.0, seed=2, trainable=False)
+    for p in model.adapter_parameters("policy"):
+        p.data.normal_()
+    before = [p.detach().double().clone() for p in model.adapter_parameters("old")]
+    M.blend_adapter(model, "old", "policy", 0.3)
+    for b, new, theta in zip(before, model.adapter_parameters("old"), model.adapter_parameters("policy")):
+        assert (new.double() - (0.3 * b + 0.7 * theta.double())).abs().max() <= 1e-6
+    M.blend_adapter(model, "old", "policy", 0.0)  # eta = 0: the sampling policy is the trained one, bitwise
+    assert all(torch.equal(a, b) for a, b in zip(model.adapter_parameters("old"), model.adapter_parameters("policy")))
+    M.add_adapter(model, "wide", rank=8, alpha=8.0)
+    with pytest.raises(ValueError, match="same layers and ranks"):
+        M.blend_adapter(model, "old", "wide", 0.5)
+
+
 # ---- config, checkpoints, grids --------------------------------------------------------------------
 
 

@@ -222,3 +222,73 @@ def test_bad_input_is_a_one_line_error(bad_runs, case):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and BAD_INPUT[case][1] in last, last
     assert not os.path.exists(out_dir)  # nothing written
+
+
+# ---- DiffusionNFT (--objective=nft): the same loop, the forward-process loss, the sampling policy "old" ----
+# Each image its own starting noise (the ODE would draw a group's images alike from a shared one),
+# 2 noise levels of the sampling grid per image, a velocity penalty (so the base runs too), and an old-policy
+# schedule that is 0 for the first optimizer step and then rises: both branches of nft_decay are exercised.
+NFT = dict(objective="nft", shared_init_noise=False, nft_levels=2, kl_beta=0.01, old_decay=[3, 0.25, 0.5], lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def reference_nft(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_nft")
+    _run(_args(world, out, **NFT))
+    return out
+
+
+def test_nft_checkpoint_holds_the_sampling_policy(world, reference_nft):
+    """Each checkpoint has the sampling policy as its own adapter folder; it follows the trained adapter by the
+    schedule: after iteration k (2k optimizer steps) old <- eta old + (1 - eta) theta with eta = nft_decay(2k)."""
+    log = _log(reference_nft)
+    assert [r["iteration"] for r in log] == [1, 2, 3, 4] and [r["optimizer_step"] for r in log] == [2, 4, 6, 8]
+    assert [r["old_decay"] for r in log] == [0.0, 0.25, 0.5, 0.5] and all(0 <= r["r_mean"] <= 1 for r in log)
+    assert "first_ratio_mean" not in log[0] and log[0]["kl"] > 0
+    step = lambda n, part: _adapter(os.path.join(reference_nft, f"step_{n:06d}", part))
+    assert sorted(os.listdir(os.path.join(reference_nft, "step_000001"))) == ["adapter", "config.json", "ema", "old", "trainer_state.pt"]
+    assert _same(step(1, "old"), step(1, "adapter"))  # eta 0: the sampling policy is the trained one
+    for n, eta in ((2, 0.25), (3, 0.5)):
+        old, prev, theta = step(n, "old"), step(n - 1, "old"), step(n, "adapter")
+        for k in old:
+            for i in (0, 1):
+                assert (old[k][i] - (eta * prev[k][i] + (1 - eta) * theta[k][i])).abs().max() <= 1e-6
+        assert not _same(old, theta)
+
+
+def test_nft_kill_and_resume_equals_uninterrupted(world, reference_nft, tmp_path):
+    """Killed in iteration 4 after the checkpoint of iteration 2, resumed: adapter, EMA, sampling policy and log
+    equal the uninterrupted run's bit for bit."""
+    out, marker = tmp_path / "run", str(tmp_path / "hung")
+    args = _args(world, out, save_every=2, **NFT)
+    _run_until_killed(args, hang_at=13, marker=marker)
+    assert M.latest_checkpoint(str(out)).endswith("step_000002")
+    _run(args + ["--resume=True"])
+    final, ref = M.latest_checkpoint(str(out)), os.path.join(reference_nft, "step_000004")
+    for part in ("adapter", "ema", "old"):
+        assert _same(_adapter(os.path.join(final, part)), _adapter(os.path.join(ref, part))), part
+    strip = lambda log: [{k: v for k, v in r.items() if k not in TIMING} for r in log if "reward_mean" in r]
+    assert strip(_log(out)) == strip(_log(reference_nft))
+
+
+def test_nft_two_ranks_equal_one_rank(world, reference_nft, tmp_path):
+    """As test_two_ranks_equal_one_rank, for the NFT loss: the same images, noise and levels on either layout."""
+    _run(_args(world, tmp_path, iterations=1, **NFT), ranks=2)
+    one, two = _adapter(os.path.join(reference_nft, "step_000001")), _adapter(os.path.join(tmp_path, "step_000001"))
+    for i in (0, 1):
+        scale = max(t[i].abs().max() for t in one.values())
+        assert max((one[k][i] - two[k][i]).abs().max() for k in one) <= 1e-4 * scale
+    assert abs(_log(reference_nft)[0]["reward_mean"] - _log(tmp_path)[0]["reward_mean"]) <= 1e-6
+
+
+def test_nft_nonfinite_rewards_never_step(world, reference_nft, tmp_path):
+    """A NaN score in iteration 2: no optimizer step and no update of the sampling policy in that iteration."""
+    out = _run(_args(world, tmp_path, reward="tests.helpers:NanReward", reward_kwargs=repr({"bad_calls": {5: "nan"}}), **NFT))
+    assert "warning: non-finite rewards in iteration 2; skipped it" in out.stderr
+    log = _log(tmp_path)
+    assert [r["optimizer_step"] for r in log] == [2, 2, 4, 6]
+    step = lambda n, part: _adapter(os.path.join(tmp_path, f"step_{n:06d}", part))
+    assert _same(step(1, "adapter"), _adapter(os.path.join(reference_nft, "step_000001", "adapter")))
+    for part in ("adapter", "old", "ema"):
+        assert _same(step(2, part), step(1, part)), part
+    assert not _same(step(3, "adapter"), step(2, "adapter"))
