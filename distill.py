@@ -10,6 +10,7 @@ Manifold Anchor Regularization: beta_mar * KL(student || anchor) on every sample
   python distill.py                                          # toy world: 3 toy teachers -> one student, CPU
   python distill.py --objective=gkd --supervise=low_noise --step_weight=uniform   # DanceOPD's variant
   python distill.py --objective=grpo_mix                     # the GRPO-Mix baseline, same sampling and logs
+  python distill.py --objective=nft_mix --shared_init_noise=False   # NFT-Mix: DiffusionNFT on the task rewards
   torchrun --nproc_per_node=8 distill.py --preset=sd35
 """
 import contextlib
@@ -37,7 +38,8 @@ prompts = ""                 # optional: one mixed .jsonl whose rows carry a "ta
 routing = {}                 # soft routing {task: {teacher task: weight}}; {} = one-hot, each task to its own teacher
 anchor = ""                  # the MAR anchor adapter (a task-agnostic quality teacher); "" = the base model
 student_init = ""            # the student's initial adapter (cold_start.py: SFT or merge); "" = a fresh LoRA
-objective = "pg"             # pg (the paper) | gkd (minimise the KL directly) | grpo_mix (task-reward baseline)
+objective = "pg"             # pg (the paper) | gkd (minimise the KL directly) | grpo_mix | nft_mix (task-reward baselines:
+                             # Flow-GRPO, or DiffusionNFT as train_teacher.py --objective=nft, on each task's reward)
 beta_mar = 0.02              # MAR weight (paper appendix 0.02; reference config 0.04)
 kl_beta = 0.0                # KL to the reference (the base, adapter off); the GRPO-Mix preset uses 0.04
 kl_convention = "reference"  # reference: |dt| KL, the published betas' convention; exact: the true KL
@@ -68,7 +70,14 @@ lr = 1e-4
 weight_decay = 1e-4
 clip_range = 1e-4
 adv_clip = 5.0
-global_std = True            # grpo_mix advantages
+global_std = True            # grpo_mix / nft_mix advantages
+# nft_mix only: train_teacher.py's DiffusionNFT settings (docs/method.md 3b)
+nft_beta = 1.0
+nft_weighting = "adaptive"
+nft_levels = 0               # 0: int(num_steps * timestep_fraction)
+nft_level_density = "schedule"
+train_guidance = 1.0
+old_decay = [0, 0.001, 0.5]
 grad_clip = 1.0
 lora_rank = 32
 lora_alpha = 64.0
@@ -105,12 +114,19 @@ PRESETS = {
     "sd35": dict(),
     "sd35_grpo_mix": dict(objective="grpo_mix", kl_beta=0.04, out_dir="runs/grpo_mix",
                           tasks=[{**t, "reward": {t["reward"]: 0.8, "aesthetic": 0.2}} for t in tasks]),
+    # NFT-Mix: train_teacher.py's sd35_nft_* settings (CFG-free ODE sampling, velocity penalty 1e-4) on the same mixture
+    "sd35_nft_mix": dict(objective="nft_mix", guidance=1.0, kl_beta=1e-4, lr=3e-4, ema_every=1, out_dir="runs/nft_mix",
+                         tasks=[{**t, "reward": {t["reward"]: 0.8, "aesthetic": 0.2}} for t in tasks]),
 }
 config = M.configure(globals(), PRESETS)
 
 # -- checks that need no model: a bad task list fails before any compute --------------------------------
-if objective not in ("pg", "gkd", "grpo_mix"):
-    raise M.UserError(f"objective must be pg, gkd or grpo_mix, got {objective!r}")
+if objective not in ("pg", "gkd", "grpo_mix", "nft_mix"):
+    raise M.UserError(f"objective must be pg, gkd, grpo_mix or nft_mix, got {objective!r}")
+mix = objective in ("grpo_mix", "nft_mix")  # the task-reward baselines: no teachers, no MAR
+if objective == "nft_mix" and shared_init_noise:
+    raise M.UserError("--objective=nft_mix samples by the ODE: with --shared_init_noise=True every image of a group would be "
+                      "the same; pass --shared_init_noise=False")
 if pg_reward not in ("closed_form", "sampled") or (pg_reward == "sampled" and step_weight != "exact"):
     raise M.UserError(f"pg_reward must be closed_form or sampled (the latter with step_weight=exact), got {pg_reward!r}")
 if supervise not in ("all", "random_k", "low_noise"):
@@ -180,7 +196,7 @@ if supervise == "low_noise":  # any SDE step whose noise level is in range, what
 slots = {"all": len(trained), "random_k": min(supervise_k, len(trained)), "low_noise": 1}[supervise]
 
 # teachers and the anchor: adapters on the one frozen base (METHOD 6); a wrong adapter fails here
-if objective != "grpo_mix":
+if not mix:
     for t in tasks:
         if route[:, names.index(t["name"])].any():
             M.load_adapter(transformer, "teacher_" + t["name"], t["teacher"])
@@ -188,14 +204,14 @@ if objective != "grpo_mix":
         M.load_adapter(transformer, "anchor", anchor)
 reward_fns = {}
 for t in tasks:
-    if t.get("reward") and (objective == "grpo_mix" or monitor_rewards):
+    if t.get("reward") and (mix or monitor_rewards):
         spec = t["reward"]
         try:
             reward_fns[t["name"]] = rewards.MultiReward(spec, device=dist.device) if isinstance(spec, dict) else rewards.get_reward(spec, device=dist.device)
         except ValueError as e:
             raise M.UserError(str(e)) from None
-if objective == "grpo_mix" and len(reward_fns) != len(tasks):
-    raise M.UserError("grpo_mix needs a reward for every task")
+if mix and len(reward_fns) != len(tasks):
+    raise M.UserError(f"{objective} needs a reward for every task")
 
 start_iter, state, ckpt = run.start, run.state, run.folder
 if ckpt:
@@ -204,6 +220,8 @@ elif student_init:
     M.load_adapter(transformer, "student", student_init, trainable=True)
 else:
     M.add_adapter(transformer, "student", lora_rank, lora_alpha, seed=seed)
+if objective == "nft_mix":  # DiffusionNFT's sampling policy, a second frozen LoRA (train_teacher.py, METHOD 3b.5)
+    M.set_adapter_state(transformer, "old", M.read_adapter(os.path.join(ckpt, "old"))[0] if ckpt else M.adapter_state(transformer, "student"))
 transformer.gradient_checkpointing = gradient_checkpointing
 if dist.world > 1:
     M.shard_transformer(transformer, torch_dtype)  # replaces the parameters: collect them afterwards
@@ -238,6 +256,22 @@ def divergence(mean_a, mean_b, step_std, j):
     return M.step_divergence(mean_a, mean_b, step_std, sigmas[j], sigmas[j + 1], stds[j], step_weight, kl_convention)
 
 
+def optimizer_update(iteration):
+    """Clip, step, EMA; a non-finite gradient norm skips the update (counted). Returns the norm."""
+    global optimizer_step, skipped
+    grad_norm = M.clip_grad_norm(params, grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        optimizer_step += 1
+        if ema_weights is not None:
+            ema_weights.update(optimizer_step - 1)
+    else:
+        skipped += 1
+        print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def quick_eval(adapter):
     """Mean eval reward per task of `adapter`'s ODE samples (fixed seeds: every model sees the same noise).
     Every rank evaluates everything: FSDP forwards are collective, and this is small."""
@@ -259,7 +293,8 @@ def quick_eval(adapter):
 
 def save(iteration):
     M.save_lora_checkpoint(out_dir, iteration, transformer, "student", optimizer, ema_weights,
-                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep)
+                           {"iteration": iteration, "skipped": skipped, "optimizer_step": optimizer_step}, config, model, keep,
+                           extra_adapters=("old",) if objective == "nft_mix" else ())
 
 
 reference_scores = {}
@@ -268,7 +303,7 @@ if eval_sets and dist.master:
 if eval_sets:
     transformer.eval()
     reference_scores = {"base": quick_eval(None)}
-    if objective != "grpo_mix":
+    if not mix:
         reference_scores["teacher"] = {n: quick_eval("teacher_" + n)[n] for n in eval_sets}
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -286,9 +321,10 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         rows = [task_prompts[t][p] for t, p in (order[i] for i in index)]
         cond = pipe.text.encode([p for p, _ in rows])
         neg = (negative[0].expand(batch_size, -1, -1), negative[1].expand(batch_size, -1))
-        with transformer.adapter("student"):
+        with transformer.adapter("old" if objective == "nft_mix" else "student"):  # nft_mix: the sampling policy, by the ODE
             roll = M.rollout(transformer, *cond, *neg, latent_shape, [M.sample_seed(seed, iteration, i) for i in index],
-                             num_steps, pipe.shift, guidance, noise_level, sde_steps=max(trained) + 1 if sde_window else None,
+                             num_steps, pipe.shift, guidance, noise_level, sde=objective != "nft_mix",
+                             sde_steps=max(trained) + 1 if sde_window else None,
                              init_seeds=M.group_init_seeds(seed, iteration, index, group_size) if shared_init_noise else None)
         # which states are supervised (METHOD 5b): all, k random ones, or one low-noise one per rollout
         g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, first, 5))
@@ -310,7 +346,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             for slot in range(slots):
                 j = batch["steps"][:, slot]
                 x = roll.latents[per_sample, j]
-                if objective != "grpo_mix":
+                if not mix:
                     target = M.routed_mean(transformer, ["teacher_" + n for n in names], alpha, x, sigmas[j], sigmas[j + 1],
                                            sigmas[1], noise_level, cond, neg, teacher_guidance, collective=dist.world > 1)
                     anchor_mean, step_std, _ = transition("anchor" if anchor else None, x, j, cond, neg, teacher_guidance)
@@ -345,7 +381,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     all_rewards = M.all_gather(task_rewards[None]).permute(1, 0, 2).reshape(-1).cpu()  # global sample order
     all_tasks = torch.tensor([t for t, _ in order])
     times["reward"] = time.time() - t2
-    if objective == "grpo_mix":
+    if mix:
         if not torch.isfinite(all_rewards).all():
             skipped += 1
             if dist.master:
@@ -354,6 +390,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             continue
         adv, zero_std = M.group_advantages(all_rewards, [t * 10 ** 9 + p for t, p in order], global_std, adv_clip)
         advantages = adv.view(num_batches, dist.world, batch_size)[:, dist.rank].to(dist.device)[..., None].expand(-1, -1, slots)
+        r_nft = M.nft_optimality(advantages[..., 0], adv_clip)  # nft_mix: each image's optimality probability
     else:
         kl_all = M.all_gather(torch.stack(local_kl)[None])  # (world, num_batches, batch, slots)
         pg_all = M.all_gather(torch.stack(local_pg)[None]) if pg_reward == "sampled" else kl_all
@@ -366,7 +403,31 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     t3 = time.time()
     transformer.train()
     stats, per_step = [], slots * (num_batches // optimizer_steps_per_iter)
-    for b, batch in enumerate(batches):
+    levels = nft_levels or int(num_steps * timestep_fraction)
+    for b, batch in enumerate(batches if objective == "nft_mix" else []):  # NFT-Mix: train_teacher.py's NFT block
+        x0, cond, neg = batch["roll"].latents[:, -1], batch["cond"], batch["neg"]
+        level_of = M.nft_noise_levels([M.sample_seed(seed, iteration, i, 30) for i in batch["index"]], sigmas[:num_steps],
+                                      levels, nft_level_density).to(dist.device)
+        for k in range(levels):
+            s = level_of[:, k]
+            e = M.sample_noise(latent_shape, [M.sample_seed(seed, iteration, i, 20 + k) for i in batch["index"]], dist.device)[0]
+            x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * e
+            with transformer.adapter("student"):
+                v_theta = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
+            with torch.no_grad(), transformer.adapter("old"):
+                v_old = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
+            loss = adv_clip * M.nft_loss(v_theta, v_old, x0, e, s, r_nft[b], nft_beta, nft_weighting).mean()
+            st = {"policy_loss": loss.detach()}
+            if kl_beta > 0:  # the velocity penalty to the base, as train_teacher.py's
+                with torch.no_grad(), transformer.adapter(None):
+                    v_ref = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
+                st["kl_ref"] = ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean().detach()
+                loss = loss + kl_beta * ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean()
+            (loss / (levels * (num_batches // optimizer_steps_per_iter))).backward()
+            stats.append({**st, "loss": loss.detach()})
+        if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
+            grad_norm = optimizer_update(iteration)
+    for b, batch in enumerate(batches if objective != "nft_mix" else []):
         roll, cond, neg = batch["roll"], batch["cond"], batch["neg"]
         for slot in range(slots):
             j = batch["steps"][:, slot]
@@ -377,7 +438,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                 log_prob = M.gaussian_log_prob(x_next, mean, step_std)
                 policy_loss, s = M.clipped_surrogate(log_prob, roll.log_probs[per_sample, j], advantages[b, :, slot], clip_range)
                 loss = loss + policy_loss
-            if objective != "grpo_mix":
+            if not mix:
                 to_teacher = divergence(mean, batch["target"][slot], step_std, j)
                 to_anchor = divergence(mean, batch["anchor"][slot], step_std, j)
                 if objective == "gkd":
@@ -392,22 +453,15 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
             (loss / per_step).backward()
             stats.append({**s, "loss": loss.detach()})
         if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:
-            grad_norm = M.clip_grad_norm(params, grad_clip)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-                optimizer_step += 1
-                if ema_weights is not None:
-                    ema_weights.update(optimizer_step - 1)
-            else:
-                skipped += 1
-                print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_update(iteration)
+    if objective == "nft_mix":  # the sampling policy follows (METHOD 3b.5)
+        M.blend_adapter(transformer, "old", "student", M.nft_decay(optimizer_step, *old_decay))
     times["training"] = time.time() - t3
 
     # 5. logs (per task: divergence to its own teacher, to the anchor, its reward), checkpoint, grid
     record = {"iteration": iteration + 1, **{k: M.all_reduce_mean(torch.stack([s[k] for s in stats]).mean()).item() for k in stats[0]},
               "grad_norm": float(grad_norm), "skipped": skipped, "optimizer_step": optimizer_step}
-    if objective != "grpo_mix":
+    if not mix:
         kl_teacher = kl_all.mean(-1).permute(1, 0, 2).reshape(-1).cpu()  # sampling-time divergences, global order
         kl_anchor = M.all_gather(torch.stack(local_kl_anchor)[None]).mean(-1).permute(1, 0, 2).reshape(-1).cpu()
         for k, name in enumerate(names):

@@ -1519,6 +1519,20 @@ def nft_loss(v_theta, v_old, latents, noise, sigma, r, beta, weighting="adaptive
     return (r * pos + (1 - r) * neg) / beta
 
 
+def nft_noise_levels(seeds, grid, levels, density="schedule"):
+    """(B, levels) noise levels for DiffusionNFT's loss, one seeded generator per image (METHOD 3b.3):
+    `levels` distinct points of the sampling grid (sigmas[0 .. T-1]: s = 1 included, 0 not) in a random order,
+    as the code's shuffled timesteps, or U(0, 1) draws."""
+    grid = torch.as_tensor(grid, dtype=torch.float32).cpu()
+    if density == "schedule" and levels > len(grid):
+        raise UserError(f"nft_levels={levels}: the sampling grid has only {len(grid)} distinct levels")
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        out.append(grid[torch.randperm(len(grid), generator=g)[:levels]] if density == "schedule" else torch.rand(levels, generator=g))
+    return torch.stack(out)
+
+
 def nft_decay(step, flat=0, uprate=0.001, uphold=0.5):
     """The sampling policy's soft-update decay after `step` optimizer steps (DiffusionNFT's schedule):
     0 for the first `flat` steps (the sampling policy is the trained one), then rising by `uprate` per step

@@ -202,19 +202,6 @@ def optimizer_update(iteration):
     return grad_norm
 
 
-def nft_noise_levels(index, iteration, levels):
-    """(B, levels) noise levels for DiffusionNFT's loss, seeded per image: `levels` distinct points of the sampling
-    grid sigmas[0 .. T-1] in a random order (the code's shuffled timesteps; s = 1 included, 0 not), or U(0, 1)."""
-    out = []
-    for i in index:
-        g = torch.Generator().manual_seed(M.sample_seed(seed, iteration, i, 30))
-        if nft_level_density == "schedule":
-            out.append(sigmas[:num_steps].cpu()[torch.randperm(num_steps, generator=g)[:levels]])
-        else:
-            out.append(torch.rand(levels, generator=g))
-    return torch.stack(out).to(dist.device)
-
-
 # -- the loop --------------------------------------------------------------------------------------------
 for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=not dist.master, initial=start_iter, total=iterations):
     times = {}
@@ -294,7 +281,8 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         with transformer.adapter("policy"):
             for b, batch in enumerate(batches):
                 x0 = batch["roll"].latents[:, -1]
-                level_of = nft_noise_levels(batch["index"], iteration, levels)  # (B, levels), seeded per image
+                level_of = M.nft_noise_levels([M.sample_seed(seed, iteration, i, 30) for i in batch["index"]], sigmas[:num_steps],
+                                              levels, nft_level_density).to(dist.device)  # (B, levels), seeded per image
                 for k in range(levels):
                     s = level_of[:, k]
                     e = M.sample_noise(latent_shape, [M.sample_seed(seed, iteration, i, 20 + k) for i in batch["index"]], dist.device)[0]

@@ -208,21 +208,30 @@ def test_routing_uses_each_samples_teacher_and_blends_softly(world):
 # ---- the script -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("objective", ["pg", "gkd", "grpo_mix"])
+@pytest.mark.parametrize("objective", ["pg", "gkd", "grpo_mix", "nft_mix"])
 def test_script_runs_each_objective(world, tmp_path, objective):
     extra = {"gkd": {"supervise": "low_noise", "step_weight": "uniform", "noise_range": [0.0, 0.9]},
              "pg": {"pg_reward": "sampled"},
-             "grpo_mix": {"shared_init_noise": True, "sde_window": True, "timestep_fraction": 0.5}}.get(objective, {})
-    _run(_args(world, tmp_path, objective=objective, iterations=1, **extra))
+             "grpo_mix": {"shared_init_noise": True, "sde_window": True, "timestep_fraction": 0.5},
+             "nft_mix": {"nft_levels": 2, "kl_beta": 0.01, "old_decay": [1, 0.5, 0.5], "iterations": 2}}.get(objective, {})
+    _run(_args(world, tmp_path, objective=objective, **{"iterations": 1, **extra}))
     log = _log(tmp_path)
     sizes = log[0]["parameters"]
-    if objective == "grpo_mix":
+    if objective == "nft_mix":  # the student and its sampling policy; old follows the student by the schedule
+        assert set(sizes) == {"base", "student", "old"} and log[-1]["kl_ref"] > 0
+        step = lambda n, part: M.read_adapter(os.path.join(tmp_path, f"step_{n:06d}", part))[0]
+        assert all(torch.equal(step(1, "old")[k][i], step(1, "adapter")[k][i]) for k in step(1, "old") for i in (0, 1))  # eta 0
+        old, s1, s2 = step(2, "old"), step(1, "adapter"), step(2, "adapter")  # eta 0.5 after optimizer step 2
+        for k in old:
+            for i in (0, 1):
+                assert (old[k][i] - (0.5 * s1[k][i] + 0.5 * s2[k][i])).abs().max() <= 1e-6
+    elif objective == "grpo_mix":
         assert set(sizes) == {"base", "student"}
     else:  # one base: three teachers and the anchor are only adapters, each the size of the student
         assert set(sizes) == {"base", "student", "anchor", *(f"teacher_{t}" for t in TASKS)}
         assert len({v for k, v in sizes.items() if k != "base"}) == 1
         assert "composition/kl_teacher" in log[-1] and "composition/kl_anchor" in log[-1]
-    assert log[-1]["iteration"] == 1 and log[-1]["skipped"] == 0
+    assert log[-1]["iteration"] == extra.get("iterations", 1) and log[-1]["skipped"] == 0
     assert M.read_adapter(str(tmp_path))[0]
 
 

@@ -39,6 +39,10 @@ def test_teacher_stage(tmp_path):
          "--steps_per_iter=1")
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert log[-1]["first_ratio_mean"] == 1.0 and 0 <= log[-1]["reward_mean"] <= 1
+    _run("train_teacher.py", "--preset=toy_nft", f"--out_dir={tmp_path / 'nft'}", "--groups_per_iter=2", "--batch_size=8",
+         "--iterations=1", "--nft_levels=1")
+    log = [json.loads(line) for line in open(tmp_path / "nft" / "log.jsonl")]
+    assert 0 <= log[-1]["reward_mean"] <= 1 and log[-1]["optimizer_step"] == 2 and log[-1]["old_decay"] == 0.0
 
 
 def test_cold_start_stages(tmp_path):
@@ -54,10 +58,11 @@ def test_cold_start_stages(tmp_path):
         assert (delta - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("objective", ["pg", "grpo_mix"])
+@pytest.mark.parametrize("objective", ["pg", "grpo_mix", "nft_mix"])
 def test_distill_stage(tmp_path, objective):
     out = _run("distill.py", f"--out_dir={tmp_path}", f"--objective={objective}", "--groups_per_iter=2", "--batch_size=16",
-               "--iterations=1", "--supervise_k=1", "--eval_images=8", "--eval_steps=4")
+               "--iterations=1", "--supervise_k=1", "--eval_images=8", "--eval_steps=4",
+               *(["--nft_levels=2"] if objective == "nft_mix" else []))
     assert "| composition |" in out  # the student next to its teachers, per task
     summary = json.load(open(tmp_path / "summary.json"))
     assert set(summary["student"]) == set(TASKS)
