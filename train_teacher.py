@@ -311,7 +311,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
     record = {"iteration": iteration + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
               "reward_min": all_rewards.min().item(), "reward_max": all_rewards.max().item(), "zero_std_groups": zero_std,
               **({"first_ratio_mean": stats[0]["ratio_mean"].item(), "first_ratio_max": stats[0]["ratio_max"].item()}
-                 if objective == "grpo" else {"old_decay": float(stats[-1]["old_decay"])}),
+                 if objective == "grpo" else {"old_decay": float(stats[-1]["old_decay"]), "nft_weighting": nft_weighting}),
               **mean_stat, "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped, "optimizer_step": optimizer_step,
               "images_per_s": samples_per_iter / (time.time() - t0), **{f"seconds_{k}": v for k, v in times.items()}}
     log.write(record)

@@ -244,7 +244,7 @@ def test_nft_checkpoint_holds_the_sampling_policy(world, reference_nft):
     log = _log(reference_nft)
     assert [r["iteration"] for r in log] == [1, 2, 3, 4] and [r["optimizer_step"] for r in log] == [2, 4, 6, 8]
     assert [r["old_decay"] for r in log] == [0.0, 0.25, 0.5, 0.5] and all(0 <= r["r_mean"] <= 1 for r in log)
-    assert "first_ratio_mean" not in log[0] and log[0]["kl"] > 0
+    assert "first_ratio_mean" not in log[0] and log[0]["kl"] > 0 and log[0]["nft_weighting"] == "adaptive"
     step = lambda n, part: _adapter(os.path.join(reference_nft, f"step_{n:06d}", part))
     assert sorted(os.listdir(os.path.join(reference_nft, "step_000001"))) == ["adapter", "config.json", "ema", "old", "trainer_state.pt"]
     assert _same(step(1, "old"), step(1, "adapter"))  # eta 0: the sampling policy is the trained one
