@@ -411,18 +411,13 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         for k in range(levels):
             s = level_of[:, k]
             e = M.sample_noise(latent_shape, [M.sample_seed(seed, iteration, i, 20 + k) for i in batch["index"]], dist.device)[0]
-            x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * e
-            with transformer.adapter("student"):
-                v_theta = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
-            with torch.no_grad(), transformer.adapter("old"):
-                v_old = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
+            v_theta, v_old, v_ref = M.nft_velocities(transformer, "student", x0, e, s, cond, neg, train_guidance, kl_beta > 0)
             loss = adv_clip * M.nft_loss(v_theta, v_old, x0, e, s, r_nft[b], nft_beta, nft_weighting).mean()
             st = {"policy_loss": loss.detach()}
             if kl_beta > 0:  # the velocity penalty to the base, as train_teacher.py's
-                with torch.no_grad(), transformer.adapter(None):
-                    v_ref = M.predict_velocity(transformer, x_s, s, *cond, *neg, train_guidance)
-                st["kl_ref"] = ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean().detach()
-                loss = loss + kl_beta * ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean()
+                penalty = ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean()
+                st["kl_ref"] = penalty.detach()
+                loss = loss + kl_beta * penalty
             (loss / (levels * (num_batches // optimizer_steps_per_iter))).backward()
             stats.append({**st, "loss": loss.detach()})
         if (b + 1) % (num_batches // optimizer_steps_per_iter) == 0:

@@ -1519,6 +1519,24 @@ def nft_loss(v_theta, v_old, latents, noise, sigma, r, beta, weighting="adaptive
     return (r * pos + (1 - r) * neg) / beta
 
 
+def nft_velocities(transformer, trained, x0, noise, sigma, cond, neg, guidance, reference=False):
+    """DiffusionNFT's velocities at x_s = (1 - s) x0 + s e (METHOD 3b.3): the `trained` adapter's with gradient,
+    the sampling policy "old"'s without, and (reference=True) the base's without, for the velocity penalty.
+    Returns (v_theta, v_old, v_ref or None). Shared by train_teacher.py (NFT teachers) and distill.py (NFT-Mix)."""
+    s = _per_sample(sigma, x0)
+    x_s = (1 - s) * x0 + s * noise
+    with transformer.adapter(trained):
+        v_theta = predict_velocity(transformer, x_s, sigma, *cond, *neg, guidance)
+    with torch.no_grad():
+        with transformer.adapter("old"):
+            v_old = predict_velocity(transformer, x_s, sigma, *cond, *neg, guidance)
+        v_ref = None
+        if reference:
+            with transformer.adapter(None):
+                v_ref = predict_velocity(transformer, x_s, sigma, *cond, *neg, guidance)
+    return v_theta, v_old, v_ref
+
+
 def nft_noise_levels(seeds, grid, levels, density="schedule"):
     """(B, levels) noise levels for DiffusionNFT's loss, one seeded generator per image (METHOD 3b.3):
     `levels` distinct points of the sampling grid (sigmas[0 .. T-1]: s = 1 included, 0 not) in a random order,

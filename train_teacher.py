@@ -287,14 +287,8 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                 for k in range(levels):
                     s = level_of[:, k]
                     e = M.sample_noise(latent_shape, [M.sample_seed(seed, iteration, i, 20 + k) for i in batch["index"]], dist.device)[0]
-                    x_s = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * e
-                    v_theta = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
-                    with torch.no_grad():
-                        with transformer.adapter("old"):
-                            v_old = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
-                        if kl_beta:
-                            with transformer.adapter(None):  # the velocity penalty's reference: the base
-                                v_ref = M.predict_velocity(transformer, x_s, s, *batch["cond"], *batch["neg"], train_guidance)
+                    v_theta, v_old, v_ref = M.nft_velocities(transformer, "policy", x0, e, s, batch["cond"], batch["neg"],
+                                                             train_guidance, reference=kl_beta > 0)
                     # the code scales its loss by adv_clip (so its penalty weight 1e-4 is relative to that)
                     policy_loss = adv_clip * M.nft_loss(v_theta, v_old, x0, e, s, r[b], nft_beta, nft_weighting).mean()
                     kl = ((v_theta - v_ref) ** 2).flatten(1).mean(1).mean() if kl_beta else torch.zeros((), device=dist.device)
