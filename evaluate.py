@@ -52,6 +52,9 @@ reward = ""                     # ... scored by these rewards (comma-separated r
 images_per_prompt = 1           # ... with this many images per prompt
 reward_kwargs = {}              # {reward: kwargs for rewards.get_reward}, for every benchmark
 skip_unavailable = False        # a reward whose weights are unavailable: leave its column out (warning) instead of stopping
+geneval_detector = ""           # "mmdet:PATH.pth": GenEval's own mmdet checkpoint (the papers' numbers); or a transformers
+                                # id/folder; "" = that checkpoint if it is at rewards.MMDET_GENEVAL_CHECKPOINT, else
+                                # transformers' Mask2Former stand-in (not comparable with published GenEval numbers)
 out_dir = "runs/eval"
 num_steps = 40
 guidance = 4.5
@@ -175,6 +178,11 @@ reward_fns, columns, skipped = {}, {b: [] for b in chosen}, {b: [] for b in chos
 for b in list(chosen):
     for r in benchmarks[b]["rewards"]:
         kwargs = {**reward_kwargs.get(r, {}), **benchmarks[b].get("reward_kwargs", {}).get(r, {})}
+        if r == "geneval" and not {"detector", "detector_id"} & set(kwargs):
+            official = rewards.MMDET_GENEVAL_CHECKPOINT
+            detector = geneval_detector or (f"mmdet:{official}" if os.path.isfile(official) else "")
+            if detector:
+                kwargs["detector"] = detector
         key = (r, json.dumps(kwargs, sort_keys=True))
         if key not in reward_fns:
             try:
@@ -269,17 +277,9 @@ def generate(batch_prompts, seeds):
     return M.to_uint8(pipe.codec.decode(latents)).cpu()
 
 
-def mean_ci(values):
-    """Mean and the 95% CI half-width of the normal approximation, 1.96 s / sqrt(n) (s: sample std)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0  # one value: no spread to estimate
-    return mean, 1.96 * math.sqrt(var / n), var / n
-
-
 def aggregate_column(rows, column, kind):
     values = [float(r[column]) for r in rows]
-    mean, ci, _ = mean_ci(values)
+    mean, ci, _ = M.mean_ci(values)
     if kind == "mean":
         return {"value": mean, "ci95": ci, "n": len(values)}
     # GenEval (docs/reward_spec.md 1.7): per-tag accuracy over that tag's images, overall = unweighted mean of the T
@@ -289,7 +289,7 @@ def aggregate_column(rows, column, kind):
     per_tag, variances = {}, []
     for t in tags:
         tag_values = [v for r, v in zip(rows, values) if r["tag"] == t]
-        tag_mean, tag_ci, tag_var = mean_ci(tag_values)
+        tag_mean, tag_ci, tag_var = M.mean_ci(tag_values)
         per_tag[t] = {"value": tag_mean, "ci95": tag_ci, "n": len(tag_values)}
         variances.append(tag_var)
     return {"value": overall["overall"], "ci95": 1.96 * math.sqrt(sum(variances)) / len(tags), "n": len(values),
@@ -314,11 +314,18 @@ def write_results():
     summary = {"protocol": protocol(), "models": model_info,
                "benchmarks": {b: {"prompts": tasks[b]["file"], "num_prompts": len(tasks[b]["prompts"]),
                                   "images_per_prompt": tasks[b]["images_per_prompt"], "aggregate": tasks[b]["aggregate"],
-                                  "rewards": [c for c, _ in columns[b]], "skipped_rewards": skipped[b]} for b in chosen},
+                                  "rewards": [c for c, _ in columns[b]], "skipped_rewards": skipped[b],
+                                  **detectors_of(b)} for b in chosen},
                "results": results, "run": {**counts, "world_size": dist.world, "seconds": round(time.time() - t0, 1)},
                "config": config}
     write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
     write_text(os.path.join(out_dir, "results.md"), markdown_table())
+
+
+def detectors_of(b):
+    """{"detector": ...} naming which GenEval detector scored benchmark b, if one did."""
+    names = [fn.detector_name for _, fn in columns[b] if hasattr(fn, "detector_name")]
+    return {"detector": "; ".join(names)} if names else {}
 
 
 def cell(metric):
@@ -341,6 +348,8 @@ def markdown_table():
         lines += ["", f"**{b}**: {len(t['prompts'])} prompts from `{t['file']}` x {t['images_per_prompt']} images."]
         if skipped[b]:
             lines.append(f"Not scored (weights unavailable): {', '.join(skipped[b])}.")
+        if detectors_of(b):
+            lines.append(f"Detector: {detectors_of(b)['detector']}.")
         if t["aggregate"] != "geneval":
             continue
         lines.append("Overall = unweighted mean of the per-tag accuracies (GenEval's official number); its CI combines "

@@ -1654,6 +1654,16 @@ def sample_seed(*parts):
     return h >> 1
 
 
+def mean_ci(values):
+    """Mean and the 95% CI half-width of the normal approximation, 1.96 s / sqrt(n) (s: sample std), and var / n.
+    For a paired comparison pass the per-image differences (same prompt, same starting noise)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0  # one value: no spread to estimate
+    return mean, 1.96 * math.sqrt(var / n), var / n
+
+
 def group_init_seeds(seed, iteration, index, group_size):
     """The starting-noise seeds of --shared_init_noise: global sample i belongs to group i // group_size, and
     every sample of a group gets that group's seed (disjoint from the per-sample seeds sample_seed(seed, iteration, i))."""

@@ -390,11 +390,13 @@ def geneval_aggregate(results, key="correct"):
     return accuracy
 
 
-def mask2former_instances(class_logits, mask_logits, image_size, min_score):
+def mask2former_instances(class_logits, mask_logits, image_size, min_score, mmdet_input=None):
     """mmdet's MaskFormer instance post-processing (spec 1.3, 2.1) for one image, with the mask logits
     upsampled straight to the image size (transformers' post-processor detours through 384x384).
     class_logits (Q, C+1); mask_logits (Q, h, w) covering the un-padded input. Returns (label, score, box, mask)
-    for candidates whose score is > min_score."""
+    for candidates whose score is > min_score. mmdet_input=((H, W), (h, w)): mmdet's own upsampling instead,
+    with mask_logits covering the whole padded (H, W) input at stride 4: up to (H, W), crop to the resized
+    image (h, w), then up to the image size."""
     class_probs = class_logits.float().softmax(-1)[:, :-1]        # drop the no-object column
     num_queries, num_classes = class_probs.shape
     probs, flat = class_probs.flatten().topk(num_queries)          # top-100 over (query x class) pairs
@@ -403,8 +405,11 @@ def mask2former_instances(class_logits, mask_logits, image_size, min_score):
     probs, flat = probs[keep], flat[keep]
     if len(flat) == 0:
         return []
-    logits = F.interpolate(mask_logits[flat // num_classes][None].float(), size=image_size, mode="bilinear",
-                           align_corners=False)[0]
+    logits = mask_logits[flat // num_classes][None].float()
+    if mmdet_input is not None:  # Mask2FormerHead.simple_test, then MaskFormerFusionHead.simple_test (mmdet 2.x)
+        (padded_h, padded_w), (h, w) = mmdet_input
+        logits = F.interpolate(logits, size=(padded_h, padded_w), mode="bilinear", align_corners=False)[..., :h, :w]
+    logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=False)[0]
     masks = logits > 0
     mask_probs = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
     scores = probs * mask_probs
@@ -428,13 +433,327 @@ def jpeg_roundtrip(image, quality=75):
     return Image.open(io.BytesIO(jpeg_bytes(image, quality))).convert("RGB")
 
 
+# -----------------------------------------------------------------------------
+# GenEval's own detector: mmdetection's Mask2Former Swin-S COCO checkpoint (spec 1.3), read without mmdet and
+# mapped tensor by tensor onto transformers' Mask2FormerForUniversalSegmentation (docs/rewards.md, "Detector")
+
+MMDET_GENEVAL_URL = ("https://download.openmmlab.com/mmdetection/v2.0/mask2former/"
+                     "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco/"
+                     "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth")
+# where GenEvalReward(detector="mmdet") and evaluate.py --preset=sd35 look for it: `wget -P ~/.cache/flow_opd URL`
+MMDET_GENEVAL_CHECKPOINT = os.path.join(os.path.expanduser("~"), ".cache", "flow_opd", MMDET_GENEVAL_URL.rsplit("/", 1)[1])
+# mmdet's test pipeline for this config (mmdet 2.x, GenEval's): Resize to fit (1333, 800) keeping the aspect
+# ratio (cv2 bilinear), Pad to a multiple of 32 with 128, Normalize with ImageNet mean/std in RGB
+MMDET_MEAN, MMDET_STD, MMDET_PAD_VALUE = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), 128
+
+
+def _numpy_safe_globals():
+    """The numpy types an mmengine/mmcv checkpoint's meta may pickle (scalars, dtypes): data, not code."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        from numpy._core import multiarray
+    else:
+        from numpy.core import multiarray
+    dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                                            np.uint8, np.bool_)]
+    # a file pickled under numpy 1.x names them numpy.core.multiarray.*, under numpy 2 numpy._core.multiarray.*
+    named = [(f, f"numpy.{core}.multiarray.{f.__name__}") for f in (multiarray.scalar, multiarray._reconstruct)
+             for core in ("core", "_core")]
+    return [*named, np.ndarray, np.dtype, *dtypes]
+
+
+def read_mmdet_checkpoint(path):
+    """The state dict of an mmdet checkpoint (.pth, {'meta': ..., 'state_dict': ...}, read with weights_only=True
+    and, if its meta holds numpy scalars, those numpy types allowlisted, nothing else) or of a .safetensors file."""
+    if not os.path.isfile(path):
+        raise RewardWeightsUnavailable(f"{path}: no such file; GenEval's detector is `wget -P {os.path.dirname(path) or '.'} "
+                                       f"{MMDET_GENEVAL_URL}` (then pass detector='mmdet:FILE')")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    # released OpenMMLab files end in the first 8 hex digits of their sha256: a truncated download fails here
+    digest = re.search(r"-([0-9a-f]{8})\.pth$", os.path.basename(path))
+    if digest:
+        import hashlib
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+        if not sha.hexdigest().startswith(digest.group(1)):
+            raise ValueError(f"{path}: sha256 {sha.hexdigest()[:8]}... does not match the {digest.group(1)} in its name "
+                             f"(an incomplete download?): download it again from {MMDET_GENEVAL_URL}")
+    import pickle
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = re.search(r"GLOBAL [\w.]+", str(err))
+        if not what:
+            raise ValueError(f"{path}: not a readable torch checkpoint ({str(err).strip().splitlines()[-1][:120]}); "
+                             f"download it again from {MMDET_GENEVAL_URL}") from None
+        what = f"unsupported {what.group(0)}"
+        raise ValueError(
+            f"{path}: torch.load(weights_only=True) refuses an object in this checkpoint ({what}); if you trust the file, "
+            f"write its tensors once to safetensors: python -c \"import torch, safetensors.torch as s; "
+            f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"s.save_file({{k: v.contiguous() for k, v in c.get('state_dict', c).items()}}, '{path}.safetensors')\" "
+            f"and pass detector='mmdet:{path}.safetensors'") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {str(err).strip()[:120]}); "
+                         f"download it again from {MMDET_GENEVAL_URL}") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected an mmdet checkpoint, a dict with a 'state_dict' of tensors; "
+                         f"download GenEval's from {MMDET_GENEVAL_URL}")
+    return state
+
+
+def swin_relative_position_index(window_size):
+    """The (w*w, w*w) index into a Swin window's relative-position table, as transformers and mmdet build it."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
+
+
+def unfold_to_concat_order(channels):
+    """Index i such that x_concat[..., j] = x_unfold[..., i[j]] for Swin's 2x2 patch merging of `channels` channels.
+    mmdet's PatchMerging gathers the 2x2 neighbourhood with nn.Unfold: channel-major, c * 4 + 2 * row + col.
+    transformers concatenates the four positions (row, col) = (0,0), (1,0), (0,1), (1,1), position-major:
+    k * C + c. The merging norm and reduction read the 4C vector, so their weights are permuted by i."""
+    order = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    return torch.tensor([c * 4 + 2 * row + col for row, col in order for c in range(channels)])
+
+
+def mmdet_mask2former_key_table(depths, encoder_layers, decoder_layers, layout):
+    """Every tensor of an mmdet Mask2Former-Swin checkpoint as (mmdet key, transformers key, op), in checkpoint
+    order. layout "2.x" is mmdet 2.x (GenEval's checkpoint), "3.x" mmdet 3.x. ops: "copy"; "q"/"k"/"v": that
+    third of a fused qkv / in_proj; "merge_rows"/"merge_cols": the patch-merging permutation on dim 0 / 1;
+    "index": a relative-position index, checked against transformers' own and not loaded (transformers key None)."""
+    rows = []
+
+    def add(mmdet, hf, op="copy", parts=("weight", "bias")):
+        for part in parts:
+            rows.append((f"{mmdet}.{part}" if part else mmdet, f"{hf}.{part}" if part and hf else hf, op))
+
+    def fused(mmdet, hf_names, weight, bias):  # one (3C, C) projection -> three (C, C) ones
+        for part, name in ((weight, "weight"), (bias, "bias")):
+            for op, hf in zip("qkv", hf_names):
+                rows.append((f"{mmdet}{part}", f"{hf}.{name}", op))
+
+    swin, pix, trf = "model.pixel_level_module.encoder.swin", "model.pixel_level_module", "model.transformer_module"
+    add("backbone.patch_embed.projection", f"{swin}.embeddings.patch_embeddings.projection")
+    add("backbone.patch_embed.norm", f"{swin}.embeddings.norm")
+    for s, depth in enumerate(depths):
+        for b in range(depth):
+            m, h = f"backbone.stages.{s}.blocks.{b}", f"{swin}.encoder.layers.{s}.blocks.{b}"
+            add(f"{m}.norm1", f"{h}.layernorm_before")
+            add(f"{m}.attn.w_msa.relative_position_bias_table",
+                f"{h}.attention.relative_position_bias.relative_position_bias_table", parts=(None,))
+            rows.append((f"{m}.attn.w_msa.relative_position_index", None, "index"))
+            fused(f"{m}.attn.w_msa.qkv.", [f"{h}.attention.{n}_proj" for n in "qkv"], "weight", "bias")
+            add(f"{m}.attn.w_msa.proj", f"{h}.attention.o_proj")
+            add(f"{m}.norm2", f"{h}.layernorm_after")
+            add(f"{m}.ffn.layers.0.0", f"{h}.mlp.fc1")
+            add(f"{m}.ffn.layers.1", f"{h}.mlp.fc2")
+        if s < len(depths) - 1:
+            m, h = f"backbone.stages.{s}.downsample", f"{swin}.encoder.layers.{s}.downsample"
+            add(f"{m}.norm", f"{h}.norm", "merge_rows")
+            add(f"{m}.reduction", f"{h}.reduction", "merge_cols", parts=("weight",))
+    for s in range(len(depths)):
+        add(f"backbone.norm{s}", f"model.pixel_level_module.encoder.hidden_states_norms.stage{s + 1}")
+    p, h = "panoptic_head.pixel_decoder", f"{pix}.decoder"
+    for i in range(3):
+        add(f"{p}.input_convs.{i}.conv", f"{h}.input_projections.{i}.0")
+        add(f"{p}.input_convs.{i}.gn", f"{h}.input_projections.{i}.1")
+    attn, ffn = ("attentions.0", "ffns.0") if layout == "2.x" else ("self_attn", "ffn")
+    for i in range(encoder_layers):
+        m, e = f"{p}.encoder.layers.{i}", f"{h}.encoder.layers.{i}"
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            add(f"{m}.{attn}.{name}", f"{e}.self_attn.{name}")
+        add(f"{m}.{ffn}.layers.0.0", f"{e}.fc1")
+        add(f"{m}.{ffn}.layers.1", f"{e}.fc2")
+        add(f"{m}.norms.0", f"{e}.self_attn_layer_norm")
+        add(f"{m}.norms.1", f"{e}.final_layer_norm")
+    add(f"{p}.level_encoding.weight", f"{h}.level_embed", parts=(None,))
+    add(f"{p}.lateral_convs.0.conv", f"{h}.adapter_1.0", parts=("weight",))
+    add(f"{p}.lateral_convs.0.gn", f"{h}.adapter_1.1")
+    add(f"{p}.output_convs.0.conv", f"{h}.layer_1.0", parts=("weight",))
+    add(f"{p}.output_convs.0.gn", f"{h}.layer_1.1")
+    add(f"{p}.mask_feature", f"{h}.mask_projection")
+    # the decoder layer runs cross-attention, norm, self-attention, norm, FFN, norm (operation_order); 2.x
+    # numbers its attentions in that order: attentions.0 = cross, attentions.1 = self
+    cross, self_, ffn = ("attentions.0", "attentions.1", "ffns.0") if layout == "2.x" else ("cross_attn", "self_attn", "ffn")
+    for i in range(decoder_layers):
+        m, d = f"panoptic_head.transformer_decoder.layers.{i}", f"{trf}.decoder.layers.{i}"
+        fused(f"{m}.{self_}.attn.", [f"{d}.self_attn.{n}_proj" for n in "qkv"], "in_proj_weight", "in_proj_bias")
+        add(f"{m}.{self_}.attn.out_proj", f"{d}.self_attn.out_proj")
+        add(f"{m}.{cross}.attn", f"{d}.cross_attn", parts=("in_proj_weight", "in_proj_bias"))
+        add(f"{m}.{cross}.attn.out_proj", f"{d}.cross_attn.out_proj")
+        add(f"{m}.{ffn}.layers.0.0", f"{d}.fc1")
+        add(f"{m}.{ffn}.layers.1", f"{d}.fc2")
+        for k, norm in enumerate(("cross_attn_layer_norm", "self_attn_layer_norm", "final_layer_norm")):
+            add(f"{m}.norms.{k}", f"{d}.{norm}")
+    add("panoptic_head.transformer_decoder.post_norm", f"{trf}.decoder.layernorm")
+    add("panoptic_head.query_embed.weight", f"{trf}.queries_embedder.weight", parts=(None,))
+    add("panoptic_head.query_feat.weight", f"{trf}.queries_features.weight", parts=(None,))
+    add("panoptic_head.level_embed.weight", f"{trf}.level_embed.weight", parts=(None,))
+    add("panoptic_head.cls_embed", "class_predictor")
+    for k in range(3):
+        add(f"panoptic_head.mask_embed.{2 * k}", f"{trf}.decoder.mask_predictor.mask_embedder.{k}.0")
+    return rows
+
+
+# transformers keys with no mmdet counterpart: SwinModel's final norm (SwinBackbone never applies it) and the
+# training loss's class weights (1, ..., 1, no-object 0.1); both are filled, neither touches inference
+MMDET_UNMAPPED_HF_KEYS = ("model.pixel_level_module.encoder.swin.layernorm.weight",
+                          "model.pixel_level_module.encoder.swin.layernorm.bias", "criterion.empty_weight")
+
+
+def _mmdet_architecture(state, name):
+    """Depths, widths and layer counts of an mmdet Mask2Former-Swin checkpoint, read from its tensor shapes."""
+    try:
+        depths = [1 + max(int(k.split(".")[4]) for k in state if k.startswith(f"backbone.stages.{s}.blocks."))
+                  for s in range(4)]
+        table = state["backbone.stages.0.blocks.0.attn.w_msa.relative_position_bias_table"]
+        count = lambda prefix: 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
+        heads = [state[f"backbone.stages.{s}.blocks.0.attn.w_msa.relative_position_bias_table"].shape[1] for s in range(4)]
+        return dict(
+            embed_dim=state["backbone.patch_embed.projection.weight"].shape[0], depths=depths, num_heads=heads,
+            window_size=(int(round(table.shape[0] ** 0.5)) + 1) // 2,
+            patch_size=state["backbone.patch_embed.projection.weight"].shape[-1],
+            hidden_dim=state["panoptic_head.query_feat.weight"].shape[1],
+            num_queries=state["panoptic_head.query_feat.weight"].shape[0],
+            num_labels=state["panoptic_head.cls_embed.weight"].shape[0] - 1,
+            encoder_layers=count("panoptic_head.pixel_decoder.encoder.layers."),
+            decoder_layers=count("panoptic_head.transformer_decoder.layers."),
+            encoder_feedforward_dim=next(v.shape[0] for k, v in state.items() if k.startswith(
+                "panoptic_head.pixel_decoder.encoder.layers.0.") and k.endswith("layers.0.0.weight")),
+            dim_feedforward=next(v.shape[0] for k, v in state.items() if k.startswith(
+                "panoptic_head.transformer_decoder.layers.0.") and k.endswith("layers.0.0.weight")),
+            num_attention_heads=next(v.shape[0] for k, v in state.items() if k.startswith(
+                "panoptic_head.pixel_decoder.encoder.layers.0.") and k.endswith("attention_weights.weight")) // 12,
+            # (attention_weights: heads x 3 levels x 4 points rows, the config's num_levels and num_points)
+            layout="2.x" if any(".attentions.0." in k for k in state) else "3.x")
+    except (KeyError, ValueError, StopIteration, IndexError) as err:
+        raise ValueError(f"{name}: not an mmdet Mask2Former Swin checkpoint (no {err}); GenEval's is "
+                         f"{MMDET_GENEVAL_URL}") from None
+
+
+def mmdet_mask2former_config(state, name="checkpoint"):
+    """The transformers Mask2FormerConfig of an mmdet Mask2Former-Swin state dict (GenEval's: Swin-S, 80 classes in
+    GenEval's order, 100 queries, 6 deformable encoder layers, 9 decoder layers)."""
+    from transformers import Mask2FormerConfig, SwinConfig
+    arch = _mmdet_architecture(state, name)
+    if arch["num_labels"] != len(GENEVAL_CLASSES):
+        raise ValueError(f"{name}: {arch['num_labels']} classes; GenEval reads the 80 COCO classes by index (spec 1.9)")
+    backbone = SwinConfig(embed_dim=arch["embed_dim"], depths=arch["depths"], num_heads=arch["num_heads"],
+                          window_size=arch["window_size"], patch_size=arch["patch_size"], mlp_ratio=4.0, qkv_bias=True,
+                          hidden_act="gelu", layer_norm_eps=1e-5, drop_path_rate=0.0,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(
+        backbone_config=backbone, num_labels=arch["num_labels"], id2label=dict(enumerate(GENEVAL_CLASSES)),
+        label2id={c: i for i, c in enumerate(GENEVAL_CLASSES)}, num_queries=arch["num_queries"],
+        hidden_dim=arch["hidden_dim"], feature_size=arch["hidden_dim"], mask_feature_size=arch["hidden_dim"],
+        encoder_layers=arch["encoder_layers"], decoder_layers=arch["decoder_layers"] + 1,  # + the initial prediction
+        encoder_feedforward_dim=arch["encoder_feedforward_dim"], dim_feedforward=arch["dim_feedforward"],
+        num_attention_heads=arch["num_attention_heads"], activation_function="relu", pre_norm=False,
+        enforce_input_projection=False, common_stride=4, feature_strides=[4, 8, 16, 32], no_object_weight=0.1)
+
+
+def convert_mmdet_mask2former(state, config, name="checkpoint", expected_shapes=None):
+    """transformers' state dict from an mmdet Mask2Former-Swin state dict, by mmdet_mask2former_key_table: every
+    checkpoint tensor is used exactly once, every transformers tensor is produced (or is one of
+    MMDET_UNMAPPED_HF_KEYS) and every shape is checked against `expected_shapes` ({key: shape}) when given."""
+    arch = _mmdet_architecture(state, name)
+    table = mmdet_mask2former_key_table(arch["depths"], arch["encoder_layers"], arch["decoder_layers"], arch["layout"])
+    wanted = {m for m, _, _ in table}
+    leftover, missing = sorted(set(state) - wanted), sorted(wanted - set(state))
+    # relative-position indices are buffers fully determined by the window size: checked when present
+    missing = [k for k in missing if not k.endswith("relative_position_index")]
+    if leftover or missing:
+        raise ValueError(f"{name}: not the mmdet {arch['layout']} Mask2Former-Swin layout this converter knows: "
+                         f"{len(leftover)} unexpected key(s) (e.g. {leftover[:2]}), {len(missing)} missing "
+                         f"(e.g. {missing[:2]}); GenEval's checkpoint is {MMDET_GENEVAL_URL}")
+    out = {}
+    for mmdet, hf, op in table:
+        if mmdet not in state:
+            continue
+        x = state[mmdet]
+        if op == "index":
+            if not torch.equal(x.long(), swin_relative_position_index(arch["window_size"])):
+                raise ValueError(f"{name}: {mmdet} is not the standard Swin relative-position index")
+            continue
+        if op in ("q", "k", "v"):
+            if x.shape[0] % 3:
+                raise ValueError(f"{name}: {mmdet} has shape {tuple(x.shape)}, not a fused (3C, ...) projection")
+            x = x.chunk(3, dim=0)["qkv".index(op)]
+        elif op in ("merge_rows", "merge_cols"):
+            dim = 0 if op == "merge_rows" else 1
+            if x.shape[dim] % 4:
+                raise ValueError(f"{name}: {mmdet} has shape {tuple(x.shape)}, not a 2x2 patch merging of 4C channels")
+            x = x.index_select(dim, unfold_to_concat_order(x.shape[dim] // 4))
+        if expected_shapes is not None and hf not in expected_shapes:
+            import transformers
+            raise ValueError(f"{name}: {mmdet} -> {hf}: transformers {transformers.__version__} has no such tensor; "
+                             f"install the requirements.txt version")
+        if expected_shapes is not None and tuple(expected_shapes[hf]) != tuple(x.shape):
+            raise ValueError(f"{name}: {mmdet} -> {hf}: shape {tuple(x.shape)}, transformers expects "
+                             f"{tuple(expected_shapes[hf])}")
+        out[hf] = x.contiguous()
+    swin_width = arch["embed_dim"] * 2 ** (len(arch["depths"]) - 1)
+    out[MMDET_UNMAPPED_HF_KEYS[0]], out[MMDET_UNMAPPED_HF_KEYS[1]] = torch.ones(swin_width), torch.zeros(swin_width)
+    empty_weight = torch.ones(config.num_labels + 1)
+    empty_weight[-1] = config.no_object_weight
+    out[MMDET_UNMAPPED_HF_KEYS[2]] = empty_weight
+    return out
+
+
+def load_mmdet_mask2former(path, dtype=torch.float32):
+    """transformers' Mask2FormerForUniversalSegmentation holding an mmdet checkpoint's weights, loaded strictly."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    state = read_mmdet_checkpoint(path)
+    config = mmdet_mask2former_config(state, path)
+    model = Mask2FormerForUniversalSegmentation(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    converted = convert_mmdet_mask2former(state, config, path, expected)
+    result = model.load_state_dict(converted, strict=False)
+    if result.missing_keys or result.unexpected_keys:  # the installed transformers names its tensors differently
+        import transformers
+        raise ValueError(f"{path}: the converter's key table does not fit transformers {transformers.__version__} "
+                         f"({len(result.missing_keys)} keys missing, e.g. {result.missing_keys[:2]}, "
+                         f"{len(result.unexpected_keys)} unexpected); install the requirements.txt version")
+    return model.to(dtype).eval()
+
+
+def mmdet_preprocess(image, shortest=800, longest=1333, divisor=32):
+    """mmdet 2.x's test pipeline for one RGB image (spec 1.3): bilinear resize with the aspect ratio kept to fit
+    (longest, shortest) (mmcv's rescale_size; cv2's INTER_LINEAR is the half-pixel bilinear of F.interpolate,
+    without antialiasing, then rounded to uint8), pad bottom/right to a multiple of 32 with 128, normalise.
+    Returns (pixel_values (3, H, W) float32, (h, w) of the resized image inside it)."""
+    x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float()
+    height, width = x.shape[1:]
+    scale = min(longest / max(height, width), shortest / min(height, width))
+    size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    if size != (height, width):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+    padded = (-(-size[0] // divisor) * divisor, -(-size[1] // divisor) * divisor)
+    x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), value=MMDET_PAD_VALUE)
+    mean, std = torch.tensor(MMDET_MEAN).view(3, 1, 1), torch.tensor(MMDET_STD).view(3, 1, 1)
+    return (x - mean) / std, size
+
+
 @register_reward("geneval")
 class GenEvalReward(Reward):
     """GenEval with Mask2Former (COCO instance) + CLIP ViT-L/14 colour classification.
     details per image: score (partial credit), strict (reward-server rule), correct (official rule), tag,
     detected ({class: kept count}). `score` picks the training score: "score" (default, Flow-GRPO's training
     reward), "strict" or "correct". reference_quirks=True reproduces the reward server's four defects; each
-    can also be set alone (bgr_swap, unclipped_count, failed_position_adds_one, jpeg_q75)."""
+    can also be set alone (bgr_swap, unclipped_count, failed_position_adds_one, jpeg_q75).
+    detector: "mmdet:PATH" runs GenEval's own mmdet checkpoint (PATH .pth or .safetensors; "mmdet" alone:
+    MMDET_GENEVAL_CHECKPOINT) converted into transformers' Mask2Former, with mmdet's pre- and post-processing;
+    otherwise a transformers id or folder (default: detector_id)."""
     batch_size = 8
 
     def __init__(self, device="cpu", dtype=torch.float32, batch_size=None,
@@ -442,11 +761,17 @@ class GenEvalReward(Reward):
                  clip_id="openai/clip-vit-large-patch14", score="score", detector_size=800,
                  threshold=0.3, counting_threshold=0.9, max_objects=16, position_threshold=0.1,
                  reference_quirks=False, bgr_swap=None, unclipped_count=None, failed_position_adds_one=None,
-                 jpeg_q75=None):
+                 jpeg_q75=None, detector=None):
         super().__init__(device, dtype, batch_size)
         if score not in ("score", "strict", "correct"):
             raise ValueError(f"geneval score must be 'score', 'strict' or 'correct', got {score!r}")
-        self.detector_id, self.clip_id, self.score_key = detector_id, clip_id, score
+        detector = detector or detector_id
+        if detector == "mmdet":
+            detector = f"mmdet:{MMDET_GENEVAL_CHECKPOINT}"
+        self.mmdet_path = os.path.expanduser(detector[len("mmdet:"):]) if detector.startswith("mmdet:") else None
+        if self.mmdet_path == "":
+            raise ValueError(f"detector='mmdet:' needs a path, e.g. detector='mmdet:{MMDET_GENEVAL_CHECKPOINT}'")
+        self.detector_id, self.clip_id, self.score_key = detector, clip_id, score
         # mmdet resizes a 512^2 image to 800^2 (spec 1.3); the HF checkpoint's processor default is 384^2
         self.detector_size = detector_size
         self.threshold, self.counting_threshold = threshold, counting_threshold
@@ -459,9 +784,12 @@ class GenEvalReward(Reward):
     def _load(self):
         from transformers import (AutoImageProcessor, CLIPModel, CLIPProcessor,
                                   Mask2FormerForUniversalSegmentation)
-        self.detector_processor = load_pretrained(AutoImageProcessor, self.detector_id)
-        self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, self.detector_id, dtype=self.dtype)
-        self.detector.to(self.device).eval()
+        if self.mmdet_path:
+            self.detector = load_mmdet_mask2former(self.mmdet_path, self.dtype).to(self.device)
+        else:
+            self.detector_processor = load_pretrained(AutoImageProcessor, self.detector_id)
+            self.detector = load_pretrained(Mask2FormerForUniversalSegmentation, self.detector_id, dtype=self.dtype)
+            self.detector.to(self.device).eval()
         # GenEval reads detections by class index (spec 1.9): check the checkpoint's order is COCO-80's
         labels = [COCO_TO_GENEVAL.get(self.detector.config.id2label[i], self.detector.config.id2label[i])
                   for i in range(self.detector.config.num_labels)]
@@ -470,8 +798,39 @@ class GenEvalReward(Reward):
         self.clip_processor = load_pretrained(CLIPProcessor, self.clip_id)
         self.clip = load_pretrained(CLIPModel, self.clip_id, dtype=self.dtype).to(self.device).eval()
 
+    @property
+    def detector_name(self):
+        """Which detector scores GenEval, for results tables."""
+        if self.mmdet_path:
+            return f"mmdet Mask2Former Swin-S `{os.path.basename(self.mmdet_path)}` (GenEval's official detector)"
+        return f"`{self.detector_id}` (transformers; not GenEval's weights, not comparable with published GenEval numbers)"
+
+    def detect_mmdet(self, images, thresholds):
+        """detect() with the mmdet checkpoint, as GenEval runs it: mmdet's test pipeline and upsampling, and
+        images of different padded sizes in separate forwards (GenEval runs one image at a time; padding to a
+        common size would change the features, since neither model masks the padding)."""
+        shortest = self.detector_size
+        inputs = [mmdet_preprocess(image, shortest, round(shortest * 1333 / 800)) for image in images]
+        groups = defaultdict(list)
+        for i, (pixels, _) in enumerate(inputs):
+            groups[tuple(pixels.shape[1:])].append(i)
+        results = [None] * len(images)
+        for padded, indices in groups.items():
+            pixels = torch.stack([inputs[i][0] for i in indices]).to(self.device, self.dtype)
+            outputs = self.detector(pixel_values=pixels)
+            for j, i in enumerate(indices):
+                candidates = defaultdict(list)
+                for label, score, box, mask in mask2former_instances(
+                        outputs.class_queries_logits[j], outputs.masks_queries_logits[j],
+                        (images[i].height, images[i].width), thresholds[i], mmdet_input=(padded, inputs[i][1])):
+                    candidates[GENEVAL_CLASSES[label]].append(Detection(score, box, mask))
+                results[i] = candidates
+        return results
+
     def detect(self, images, thresholds):
         """Per image {classname: [Detection]} of every candidate above its image's threshold (unsorted)."""
+        if self.mmdet_path:
+            return self.detect_mmdet(images, thresholds)
         size = {"shortest_edge": self.detector_size, "longest_edge": round(self.detector_size * 1333 / 800)}
         inputs = self.detector_processor(images, size=size, size_divisor=32, return_tensors="pt")
         outputs = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.dtype),

@@ -559,3 +559,17 @@ def test_group_init_seeds_one_per_group():
     assert seeds == M.group_init_seeds(0, 5, range(0, 14), 4)[6:]  # a sample's seed does not depend on the slice
     assert not set(seeds) & {M.sample_seed(0, 5, i) for i in range(10 ** 4)}  # apart from the per-sample seeds
     assert M.group_init_seeds(0, 6, [6], 4) != seeds[:1]  # a new draw every iteration
+
+
+def test_mean_ci_against_statistics():
+    """model.mean_ci: the mean, 1.96 s / sqrt(n) with the n - 1 sample std, and s^2 / n, against Python's statistics
+    module in float64; one value has no spread; a constant shift moves the mean only."""
+    import statistics
+    values = torch.randn(37, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    mean, ci, var = M.mean_ci(values)
+    assert mean == pytest.approx(statistics.fmean(values), abs=1e-15)
+    assert ci == pytest.approx(1.96 * statistics.stdev(values) / 37 ** 0.5, rel=1e-12)
+    assert var == pytest.approx(statistics.variance(values) / 37, rel=1e-12)
+    assert M.mean_ci([0.25]) == (0.25, 0.0, 0.0)
+    shifted = M.mean_ci([v + 3 for v in values])
+    assert shifted[0] == pytest.approx(mean + 3) and shifted[1] == pytest.approx(ci, rel=1e-9)
