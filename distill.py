@@ -272,11 +272,14 @@ def optimizer_update(iteration):
     return grad_norm
 
 
-def quick_eval(adapter):
-    """Mean eval reward per task of `adapter`'s ODE samples (fixed seeds: every model sees the same noise).
-    Every rank evaluates everything: FSDP forwards are collective, and this is small."""
+def quick_eval(adapter, only=None):
+    """Per-image eval rewards per task of `adapter`'s ODE samples (fixed seeds: image i of a task starts from the
+    same noise for every model, so differences are paired). Every rank evaluates everything: FSDP forwards are
+    collective, and this is small."""
     out = {}
     for name, (rows, reward_fn) in eval_sets.items():
+        if only is not None and name not in only:
+            continue
         scores = []
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
@@ -287,7 +290,7 @@ def quick_eval(adapter):
                                  eval_steps, pipe.shift, guidance, sde=False, keep=False)
             images = M.to_uint8(pipe.codec.decode(roll.latents[:, -1])).cpu()
             scores.append(reward_fn(images, [p for p, _ in chunk], [m for _, m in chunk])[0])
-        out[name] = torch.cat(scores).mean().item()
+        out[name] = torch.cat(scores).double().cpu().tolist()
     return out
 
 
@@ -304,7 +307,7 @@ if eval_sets:
     transformer.eval()
     reference_scores = {"base": quick_eval(None)}
     if not mix:
-        reference_scores["teacher"] = {n: quick_eval("teacher_" + n)[n] for n in eval_sets}
+        reference_scores["teacher"] = {n: quick_eval("teacher_" + n, only=[n])[n] for n in eval_sets}  # each on its task
 
 # -- the loop ------------------------------------------------------------------------------------------------
 for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=not dist.master, initial=start_iter, total=iterations):
@@ -486,11 +489,24 @@ if eval_sets:  # the student next to its teachers, per task
     with ema_weights.swapped() if ema_weights is not None else contextlib.nullcontext():  # the EMA is what ships
         student = quick_eval("student")
     if dist.master:
-        rows = [f"| {n} | {reference_scores['base'][n]:.3f} | {reference_scores.get('teacher', {}).get(n, float('nan')):.3f} | {student[n]:.3f} |"
-                for n in eval_sets]
-        table = "\n".join(["| task (held-out prompts, eval reward) | base | its teacher | student |", "|---|---|---|---|", *rows])
+        # per task: each model's mean, and the paired differences (same prompts and noise) with their 95% CIs
+        base, teacher = reference_scores["base"], reference_scores.get("teacher", {})
+        fmt = lambda values: "{:.3f}".format(M.mean_ci(values)[0])
+        diff = lambda a, b: "{:+.3f} ± {:.3f}".format(*M.mean_ci([x - y for x, y in zip(a, b)])[:2])
+        rows = [f"| {n} ({t.get('eval_reward') or t['reward']}) | {len(student[n])} | {fmt(base[n])} | "
+                + (f"{fmt(teacher[n])} | " if n in teacher else "- | ") + f"{fmt(student[n])} | "
+                + (f"{diff(teacher[n], base[n])} | " if n in teacher else "- | ") + f"{diff(student[n], base[n])} | "
+                + (f"{diff(student[n], teacher[n])} |" if n in teacher else "- |")
+                for n, t in ((t["name"], t) for t in tasks) if n in eval_sets]
+        table = "\n".join(["| task (held-out prompts, eval reward) | n images | base | its teacher | student | teacher - base | "
+                           "student - base | student - teacher |", "|---|---|---|---|---|---|---|---|", *rows])
         print(table)
-        M._atomic(lambda p: json.dump({"base": reference_scores["base"], "teacher": reference_scores.get("teacher"), "student": student,
+        print(f"mean eval reward of {eval_steps}-step ODE samples; differences paired (same prompt and starting noise), "
+              "± the 95% CI half-width 1.96 s / sqrt(n)")
+        means = lambda scores: {n: M.mean_ci(v)[0] for n, v in scores.items()}
+        M._atomic(lambda p: json.dump({"base": means(base), "teacher": means(teacher) if teacher else None,
+                                       "student": means(student), "per_image": {"base": base, "teacher": teacher or None,
+                                                                                "student": student},
                                        "eval_images": eval_images, "eval_steps": eval_steps}, open(p, "w"), indent=2),
                   os.path.join(out_dir, "summary.json"))
 if dist.master:

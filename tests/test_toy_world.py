@@ -64,9 +64,15 @@ def test_distill_stage(tmp_path, objective):
     out = _run("distill.py", f"--out_dir={tmp_path}", f"--objective={objective}", "--groups_per_iter=2", "--batch_size=16",
                "--iterations=1", "--supervise_k=1", "--eval_images=8", "--eval_steps=4",
                *(["--nft_levels=2"] if objective == "nft_mix" else []))
-    assert "| composition |" in out  # the student next to its teachers, per task
+    assert "| composition (toy_composition_strict) | 8 |" in out  # the student next to its teachers, per task
     summary = json.load(open(tmp_path / "summary.json"))
     assert set(summary["student"]) == set(TASKS)
+    student, base = summary["per_image"]["student"]["text"], summary["per_image"]["base"]["text"]
+    assert len(student) == len(base) == 8 and summary["student"]["text"] == pytest.approx(sum(student) / 8)
+    mean, ci, _ = M.mean_ci([s - b for s, b in zip(student, base)])  # the printed paired difference
+    assert f"{mean:+.3f} ± {ci:.3f} |" in next(line for line in out.splitlines() if line.startswith("| text ("))
+    if objective == "pg":  # each teacher on its own task only
+        assert set(summary["teacher"]) == set(TASKS) and len(summary["per_image"]["teacher"]["quality"]) == 8
 
 
 def test_evaluate_stage(tmp_path):
