@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import rewards  # noqa: E402
+import toyworld  # noqa: E402
 
 TASKS = {  # held-out prompts, evaluate.py's headline metric, the dense training reward
     "composition": ("toy/prompts/composition_test.jsonl", "toy_composition_strict", "toy_composition"),
@@ -119,9 +120,13 @@ def main():
                 scores = sample_scores(pipe, prompts, metadata, args.n, sampler, args.batch, fns)
                 images = scores.shape[0] * scores.shape[1]
                 print(f"# {sampler} {task}: {images} images, {images / (time.time() - t0):.1f} images/s", file=sys.stderr)
-                tags = [m.get("tag", "all") for m in metadata]
+                # composition by GenEval tag, text by string length, quality as one group
+                tags = [f"{len(toyworld.quoted_text(p))} chars" if task == "text" else m.get("tag", "all")
+                        for p, m in zip(prompts, metadata)]
                 order = sorted(set(tags), key=lambda t: ((rewards.GENEVAL_TAGS + [t]).index(t), t))  # GenEval's order
                 rows = {t: (tags.count(t), room(scores[[x == t for x in tags]], ks)) for t in order}
+                if task == "text" and len(rows) > 1:
+                    rows["all"] = (len(prompts), room(scores, ks))
                 if task == "composition":  # GenEval's overall: the unweighted mean of the tags
                     rows["overall"] = (len(prompts), list(np.mean([r for _, r in rows.values()], 0)))
                 for tag, (count, values) in rows.items():
