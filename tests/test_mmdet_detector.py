@@ -373,22 +373,17 @@ def build_mmdet(scale=None):
     path = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "mask2former", CONFIGS[major])
     if major == "2":
         from mmcv import Config
-        from mmdet.apis import init_detector
-        config = Config.fromfile(path)
-        config.model.backbone.init_cfg = None
-        if scale:
-            config.data.test.pipeline[1].img_scale = scale
-        torch.manual_seed(0)
-        model = init_detector(config, None, device="cpu")
     else:
         from mmengine.config import Config
-        from mmdet.apis import init_detector
-        config = Config.fromfile(path)
-        config.model.backbone.init_cfg = None
-        if scale:
-            config.test_dataloader.dataset.pipeline[1].scale = scale
-        torch.manual_seed(0)
-        model = init_detector(config, None, device="cpu")
+    from mmdet.apis import init_detector
+    config = Config.fromfile(path)
+    config.model.backbone.init_cfg = None
+    if scale and major == "2":
+        config.data.test.pipeline[1].img_scale = scale
+    elif scale:
+        config.test_dataloader.dataset.pipeline[1].scale = scale
+    torch.manual_seed(0)
+    model = init_detector(config, None, device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for key, p in model.state_dict().items():
