@@ -203,20 +203,24 @@ def prompt_list(task, split="test"):
     return [copy.deepcopy(m) for group in _splits()[task].values() for m in group[split]]
 
 
-def sample_prompt(task, rng, split="train"):
+def sample_prompt(task, rng, split="train", group_weights=None):
     """(prompt, metadata) from split "train", "test" or "all": a group (GenEval tag / text length /
-    quality kind) uniformly, then a prompt of it uniformly."""
+    quality kind) uniformly, or in proportion to group_weights {group: weight}, then a prompt of it uniformly."""
     rng = np.random.default_rng(rng)
     groups = _splits()[task]
-    pool = groups[list(groups)[rng.integers(len(groups))]][split]
+    if group_weights is None:
+        pool = groups[list(groups)[rng.integers(len(groups))]][split]
+    else:
+        w = np.array([float(group_weights.get(g, 0.0)) for g in groups])
+        pool = groups[list(groups)[rng.choice(len(groups), p=w / w.sum())]][split]
     meta = copy.deepcopy(pool[rng.integers(len(pool))])
     return meta["prompt"], meta
 
 
-def make_prompt_file(task, n, seed, path, split="train"):
+def make_prompt_file(task, n, seed, path, split="train", group_weights=None):
     """n prompts: GenEval-style metadata rows (.jsonl) for composition, one prompt per line otherwise."""
     rng = np.random.default_rng(seed)
-    metas = [sample_prompt(task, rng, split)[1] for _ in range(n)]
+    metas = [sample_prompt(task, rng, split, group_weights)[1] for _ in range(n)]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         for meta in metas:
@@ -813,7 +817,8 @@ BASE_PIPELINE = dict(num_layers=6, heads=4, head_dim=32, dual_attention_layers=(
 
 def write_prompt_files(folder="toy/prompts"):
     """The toy tasks' prompt files. Train: 2000 draws, tag-balanced like GenEval's training mix (for text: a
-    third each of 1-, 2- and 3-character strings). Test: every held-out composition and quality prompt, and 256
+    third each of 1-, 2- and 3-character strings), and (composition, text) 2000 in the test set's mix of groups
+    (_testmix). Test: every held-out composition and quality prompt, and 256
     held-out strings: all 96 of 1 and 2 characters, 160 of 3 (a random sample of 256 held-out strings would be
     240 of 3 characters, the length the base reads least: docs/toy_results.md, "the room RL has")."""
     for task, ext in (("composition", "jsonl"), ("text", "txt"), ("quality", "txt")):
@@ -825,6 +830,13 @@ def write_prompt_files(folder="toy/prompts"):
             metas = short + [long[i] for i in sorted(pick)]
         with open(os.path.join(folder, f"{task}_test.{ext}"), "w") as f:
             f.writelines((json.dumps(m) if task == "composition" else m["prompt"]) + "\n" for m in metas)
+        # the test set's mix: 2000 train prompts whose groups come in the test file's proportions (composition:
+        # 78% color_attr, where the held-out room is; text: 2% / 36% / 62% of 1, 2, 3 characters)
+        if task == "quality":  # its teacher clears the bar on the tag-balanced file
+            continue
+        tested = {m["prompt"] for m in metas}
+        mix = {g: sum(m["prompt"] in tested for m in split["test"]) for g, split in _splits()[task].items()}
+        make_prompt_file(task, 2000, 0, os.path.join(folder, f"{task}_train_testmix.{ext}"), split="train", group_weights=mix)
 
 
 def build_base(out="toy/base", work="runs/toy", n_images=100000):

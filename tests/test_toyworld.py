@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import time
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 from PIL import Image
 
 import toyworld as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _score(task, images, metas, strict):
@@ -69,9 +72,28 @@ def test_prompt_files_are_deterministic_and_respect_the_split(tmp_path):
         lines = a.read_text().splitlines()
         prompts = [json.loads(line)["prompt"] for line in lines] if ext == "jsonl" else lines
         assert len(prompts) == 50 and set(prompts) <= {m["prompt"] for m in tw.prompt_list(task, "test")}
+    # group_weights: groups drawn in proportion (a zero weight never drawn), prompts still of the split
+    rng = np.random.default_rng(0)
+    tags = [tw.sample_prompt("composition", rng, "train", {"color_attr": 3, "position": 1})[1]["tag"] for _ in range(800)]
+    assert set(tags) == {"color_attr", "position"} and tags.count("color_attr") / 800 == pytest.approx(0.75, abs=0.05)
     p1, m1 = tw.sample_prompt("composition", 7)
     p2, m2 = tw.sample_prompt("composition", np.random.default_rng(7))
     assert p1 == p2 and m1 == m2
+
+
+def test_committed_testmix_files_are_train_prompts_in_the_test_sets_mix():
+    """toy/prompts/*_train_testmix.*: train-split prompts only, groups in the test file's proportions."""
+    test = {m["prompt"] for m in tw.prompt_list("composition", "test")}
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "toy/prompts/composition_train_testmix.jsonl"))]
+    assert len(rows) == 2000 and not {r["prompt"] for r in rows} & test
+    assert all(tw.parse_prompt(r["prompt"]) == r for r in rows)
+    share = sum(r["tag"] == "color_attr" for r in rows) / len(rows)
+    assert share == pytest.approx(63 / 81, abs=0.03)  # 63 of the 81 held-out prompts are color_attr
+    texts = [tw.quoted_text(line) for line in open(os.path.join(ROOT, "toy/prompts/text_train_testmix.txt"))]
+    held_out = {tw.quoted_text(line) for line in open(os.path.join(ROOT, "toy/prompts/text_test.txt"))}
+    assert len(texts) == 2000 and not set(texts) & held_out
+    for length, count in ((1, 5), (2, 91), (3, 160)):  # the test file: 5, 91 and 160 strings of 1, 2, 3 characters
+        assert sum(len(t) == length for t in texts) / 2000 == pytest.approx(count / 256, abs=0.03)
 
 
 # ----- round trips: clean renders pass, wrong renders fail ------------------------------------
