@@ -83,7 +83,7 @@ merge_naive = False               # the reference code's separate average of A a
 adapter_format = "peft"           # peft | diffusers
 
 TOY_TEACHERS = [
-    {"name": "composition", "adapter": "toy/teachers/composition", "prompts": "toy/prompts/composition_train.jsonl", "weight": 3.0},
+    {"name": "composition", "adapter": "toy/teachers/composition", "prompts": "toy/prompts/composition_train_testmix.jsonl", "weight": 3.0},
     {"name": "text", "adapter": "toy/teachers/text", "prompts": "toy/prompts/text_train.txt", "weight": 1.0},
     {"name": "quality", "adapter": "toy/teachers/quality", "prompts": "toy/prompts/quality_train.txt", "weight": 1.0},
 ]

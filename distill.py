@@ -99,7 +99,7 @@ eval_steps = 40              # eval_reward, for the base, its teacher and the st
                              # runs the full protocol)
 
 TOY_TASKS = [
-    {"name": "composition", "prompts": "toy/prompts/composition_train.jsonl", "teacher": "toy/teachers/composition", "weight": 3.0,
+    {"name": "composition", "prompts": "toy/prompts/composition_train_testmix.jsonl", "teacher": "toy/teachers/composition", "weight": 3.0,
      "reward": "toy_composition", "eval_prompts": "toy/prompts/composition_test.jsonl", "eval_reward": "toy_composition_strict"},
     {"name": "text", "prompts": "toy/prompts/text_train.txt", "teacher": "toy/teachers/text", "weight": 1.0,
      "reward": "toy_text", "eval_prompts": "toy/prompts/text_test.txt", "eval_reward": "toy_text_accuracy"},
@@ -109,8 +109,8 @@ TOY_TASKS = [
 PRESETS = {
     "toy": dict(model="toy/base", tasks=TOY_TASKS, anchor="toy/teachers/quality", out_dir="runs/toy/distill", resolution=32,
                 t5_length=12, group_size=8, groups_per_iter=8, batch_size=64, optimizer_steps_per_iter=1, supervise="random_k", supervise_k=4, noise_level=0.3,
-                lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=40, save_every=10, grid_every=10, dtype="float32", ema=False,
-                eval_images=64, eval_steps=20),
+                lr=1e-3, lora_rank=8, lora_alpha=8.0, iterations=20, save_every=10, grid_every=10, dtype="float32", ema=False,
+                eval_images=256, eval_steps=10),  # 256 images per task: CIs below the teachers' gains
     "sd35": dict(),
     "sd35_grpo_mix": dict(objective="grpo_mix", kl_beta=0.04, out_dir="runs/grpo_mix",
                           tasks=[{**t, "reward": {t["reward"]: 0.8, "aesthetic": 0.2}} for t in tasks]),

@@ -9,7 +9,7 @@ DiffusionNFT and Flow-GRPO toy teachers side by side (docs/toy_results.md, "The 
 
 Per task (composition, text, quality): an NFT teacher by train_teacher.py's toy_nft preset (the toy preset's
 prompts, reward, 8 groups of 8 = 64 samples per update, about the GRPO teacher's wall-clock: 40 iterations of ~6-8 s
-against 30 of ~10 s), and the GRPO teacher, either the shipped toy/teachers/TASK (train_teacher.py's toy preset on
+against 30 of ~10 s), and the GRPO teacher, either the shipped toy/teachers/grpo/TASK (train_teacher.py's toy preset on
 the committed base) or retrained with --grpo=train. Then evaluate.py's toy protocol (held-out prompts, 10 ODE steps,
 the same seeds for every model) on all three benchmarks, and per model and metric the paired difference to the
 base (benchmarks/eval_paired.py): the teacher's own task and the other two (the seesaw). The NFT training curve
@@ -74,7 +74,7 @@ def main():
                                           f"--out_dir={out}"], f"{out}/latest")
             models[f"grpo_{task}"] = out
         elif args.grpo == "shipped":
-            models[f"grpo_{task}"] = f"toy/teachers/{task}"
+            models[f"grpo_{task}"] = f"toy/teachers/grpo/{task}"
         out = f"{args.out}/{args.name}_{task}"
         seconds[f"{args.name}_{task}"] = run([sys.executable, "train_teacher.py", "--preset=toy_nft", f"--reward=toy_{task}",
                                              f"--prompts={prompts}", f"--out_dir={out}", *shlex.split(args.nft_flags)],

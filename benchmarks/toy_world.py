@@ -1,16 +1,19 @@
 """
 The toy world's whole pipeline after the base model, measured: the numbers in docs/toy_results.md.
 
-  python benchmarks/toy_world.py                 # everything (under an hour on 2 CPU cores), resumable
-  python benchmarks/toy_world.py --ship          # ... and copy the three teachers to toy/teachers/
+  python benchmarks/toy_world.py                 # the pipeline on the shipped teachers (under an hour on 2 CPU cores), resumable
+  python benchmarks/toy_world.py --ship          # ... first retrain the teachers that fit an hour, ship them to toy/teachers/
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
 
 Every stage is a plain run of a stage script with the flags printed here, so each number can be
-reproduced by hand. A stage whose output exists is skipped (delete runs/toy/bench/<stage> to redo it).
-  1. three single-reward Flow-GRPO teachers on the base (composition, text, quality)
+reproduced by hand. A finished stage is skipped (delete runs/toy/bench/<stage> to redo it); one killed part-way
+resumes from its newest checkpoint.
+  1. three single-reward DiffusionNFT teachers on the base (composition, text, quality): shipped in toy/teachers/
+     (TEACHERS: each one's command and measured minutes); --ship retrains them, shortest first, while they fit an hour
   2. the student's two initialisations: SFT on the teachers' samples, and the exact merge of their LoRAs
-  3. GRPO-Mix (scalar task rewards 3:1:1) and Flow-OPD variants (pg / gkd, with and without MAR, SFT or
-     merge init; DanceOPD is one distill.py flag set away: --objective=gkd --step_weight=uniform --supervise=low_noise)
+  3. the task-reward baselines GRPO-Mix and NFT-Mix (rewards 3:1:1), and Flow-OPD: pg (closed-form and sampled
+     per-step rewards) and gkd, with and without MAR, from SFT or the merge, and DanceOPD's variant
+     (gkd, plain velocity MSE, one low-noise state per rollout)
   4. evaluate.py on every model: held-out prompts, strict metrics, 95% CIs, comparison grids
 """
 import json
@@ -26,47 +29,85 @@ import model as M  # noqa: E402  (the repository root is not on the path of a sc
 OUT = "runs/toy/bench"
 ship = "--ship" in sys.argv
 only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), "")
+HOUR = 60.0  # minutes of teacher training --ship may spend
 
-TASKS = {"composition": "toy/prompts/composition_train.jsonl", "text": "toy/prompts/text_train.txt",
+TASKS = {"composition": "toy/prompts/composition_train_testmix.jsonl", "text": "toy/prompts/text_train.txt",
          "quality": "toy/prompts/quality_train.txt"}
-TEACHER = {t: f"{OUT}/teacher_{t}" for t in TASKS}
+# the shipped teachers: folder, train_teacher.py flags, minutes measured alone on the 2 cores (docs/toy_results.md)
+TEACHERS = {
+    "composition": ("toy/teachers/composition", ["--preset=toy_nft", f"--prompts={TASKS['composition']}",
+                                                     "--reward=toy_composition", "--iterations=100"], 24.0),
+    "text": ("toy/teachers/text", ["--preset=toy_nft", f"--prompts={TASKS['text']}", "--reward=toy_text",
+                                       "--iterations=150"], 38.0),
+    "quality": ("toy/teachers/quality", ["--preset=toy_nft", f"--prompts={TASKS['quality']}", "--reward=toy_quality"], 6.0),
+}
+TEACHER = {t: folder for t, (folder, _, _) in TEACHERS.items()}
 teacher_tasks = [{"name": t, "prompts": p, "teacher": TEACHER[t], "weight": w, "reward": f"toy_{t}"}
                  for (t, p), w in zip(TASKS.items(), (3.0, 1.0, 1.0))]
-# 30 iterations for every RL run (teachers, GRPO-Mix, OPD): equal budgets, and the pipeline inside its hour
-distill_common = [f"--tasks={teacher_tasks!r}", f"--anchor={TEACHER['quality']}", "--eval_images=0", "--iterations=30"]
+# 20 iterations of 64 samples (distill.py's toy default) for every run after the teachers: equal budgets
+distill_common = [f"--tasks={teacher_tasks!r}", f"--anchor={TEACHER['quality']}", "--eval_images=0", "--iterations=20"]
+sft, merge = [f"--student_init={OUT}/sft"], [f"--student_init={OUT}/merge/adapter"]
+dance = ["--objective=gkd", "--step_weight=uniform", "--supervise=low_noise"]
 
 STAGES = [  # (name, script, flags); every run writes to OUT/name
-    *[(f"teacher_{t}", "train_teacher.py", [f"--prompts={p}", f"--reward=toy_{t}"]) for t, p in TASKS.items()],
     ("sft", "cold_start.py", [f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}",
                               f"--data_dir={OUT}/sft_data"]),
     ("merge", "cold_start.py", ["--mode=merge", f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}"]),
-    ("grpo_mix", "distill.py", [*distill_common, "--objective=grpo_mix", "--kl_beta=0.02", "--lr=3e-3",  # the teachers' recipe
+    ("grpo_mix", "distill.py", [*distill_common, "--objective=grpo_mix", "--kl_beta=0.02", "--lr=3e-3",  # the GRPO teachers' recipe
                                 "--shared_init_noise=True", "--timestep_fraction=0.5", "--sde_window=True", "--supervise=all"]),
-    ("opd_pg_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft"]),
-    ("opd_pg_nomar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--beta_mar=0.0"]),
-    ("opd_pg_mar_merge", "distill.py", [*distill_common, f"--student_init={OUT}/merge/adapter"]),
-    ("opd_gkd_mar", "distill.py", [*distill_common, f"--student_init={OUT}/sft", "--objective=gkd"]),
+    ("nft_mix", "distill.py", [*distill_common, "--objective=nft_mix", "--shared_init_noise=False",  # the NFT teachers' recipe
+                               "--timestep_fraction=0.99", "--batch_size=32", "--optimizer_steps_per_iter=2"]),
+    ("opd_pg_mar", "distill.py", [*distill_common, *sft]),
+    ("opd_pg_nomar", "distill.py", [*distill_common, *sft, "--beta_mar=0.0"]),
+    ("opd_pg_mar_merge", "distill.py", [*distill_common, *merge]),
+    ("opd_pg_nomar_merge", "distill.py", [*distill_common, *merge, "--beta_mar=0.0"]),
+    ("opd_pg_sampled_mar", "distill.py", [*distill_common, *sft, "--pg_reward=sampled"]),
+    ("opd_gkd_mar", "distill.py", [*distill_common, *sft, "--objective=gkd"]),
+    ("dance_mar", "distill.py", [*distill_common, *sft, *dance]),
 ]
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
 
 
 def run(name, script, flags):
+    """One stage, skipped when it finished before (its stage_done.json); a stage killed part-way resumes from its
+    newest checkpoint (--resume=True; the merge has none and reruns)."""
     out = f"{OUT}/{name}"
-    done = os.path.isfile(f"{out}/latest") or os.path.isfile(f"{out}/adapter/adapter_config.json")
-    if done:
-        print(f"[skip] {name}: {out} exists")
+    if os.path.isfile(f"{out}/stage_done.json"):
+        print(f"[skip] {name}: {out} finished")
         return 0.0
-    command = [sys.executable, script, f"--out_dir={out}", *flags]
+    resume = [] if "--mode=merge" in flags else ["--resume=True"]
+    command = [sys.executable, script, f"--out_dir={out}", *flags, *resume]
     print("[run]", " ".join(command[1:]), flush=True)
     t0 = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
+    json.dump({"seconds": time.time() - t0, "command": command[1:]}, open(f"{out}/stage_done.json", "w"), indent=2)
     return time.time() - t0
+
+
+def retrain_teachers(seconds):
+    """--ship: retrain the teachers, shortest first, while their measured minutes fit HOUR; ship each to toy/teachers/."""
+    spent = 0.0
+    for t, (folder, flags, minutes) in sorted(TEACHERS.items(), key=lambda kv: kv[1][2]):
+        if spent + minutes > HOUR:
+            print(f"[disk] teacher {t}: {folder} (its {minutes:.0f} min do not fit the hour after {spent:.0f}; "
+                  f"retrain by hand: python train_teacher.py {' '.join(flags)})")
+            continue
+        spent += minutes
+        seconds[f"teacher_{t}"] = seconds.get(f"teacher_{t}", 0.0) + run(f"teacher_{t}", "train_teacher.py", flags)
+        shutil.copytree(os.path.join(M.latest_checkpoint(f"{OUT}/teacher_{t}"), "adapter"), folder + ".new")
+        shutil.rmtree(folder, ignore_errors=True)  # the shipped one goes only once its replacement is complete
+        os.rename(folder + ".new", folder)
+        print(f"[ship] teacher {t}: {OUT}/teacher_{t} -> {folder}")
 
 
 if __name__ == "__main__":
     os.chdir(ROOT)
     seconds = json.load(open(f"{OUT}/seconds.json")) if os.path.isfile(f"{OUT}/seconds.json") else {}
+    if ship:
+        retrain_teachers(seconds)
+    else:
+        print("[disk] teachers:", ", ".join(f"{t} {folder}" for t, folder in TEACHER.items()))
     if only != "eval":
         for name, script, flags in STAGES:
             if not only or only == name:
@@ -79,11 +120,5 @@ if __name__ == "__main__":
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds["eval"] = time.time() - t0
     json.dump(seconds, open(f"{OUT}/seconds.json", "w"), indent=2)
-    if ship:
-        for t in TASKS:
-            src = os.path.join(M.latest_checkpoint(TEACHER[t]), "adapter")
-            shutil.rmtree(f"toy/teachers/{t}", ignore_errors=True)
-            shutil.copytree(src, f"toy/teachers/{t}")
-            print("shipped", f"toy/teachers/{t}")
     print(open(f"{OUT}/eval/results.md").read())
     print("seconds per stage:", json.dumps(seconds))

@@ -25,8 +25,8 @@ def _run(script, *args):
 def test_the_committed_toy_world_loads():
     pipe = M.load_pipeline(os.path.join(REPO, "toy", "base"), t5_length=12)
     assert pipe.latent_shape(32) == (12, 16, 16) and pipe.transformer.config["dual_attention_layers"] == [0, 1]
-    for task in TASKS + ["quality_nft"]:  # quality_nft: the DiffusionNFT quality teacher (docs/toy_results.md)
-        state, _ = M.read_adapter(os.path.join(REPO, "toy", "teachers", task))
+    for folder in TASKS + [f"grpo/{task}" for task in TASKS]:  # the NFT teachers, then the Flow-GRPO ones (toy/teachers/README.md)
+        state, _ = M.read_adapter(os.path.join(REPO, "toy", "teachers", folder))
         assert any(B.abs().max() > 0 for _, B, _ in state.values())  # trained, not a fresh adapter
     for task, ext in zip(TASKS, ("jsonl", "txt", "txt")):
         for split in ("train", "test"):
