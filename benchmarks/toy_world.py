@@ -4,6 +4,7 @@ The toy world's whole pipeline after the base model, measured: the numbers in do
   python benchmarks/toy_world.py                 # the pipeline on the shipped teachers (under an hour on 2 CPU cores), resumable
   python benchmarks/toy_world.py --ship          # ... first retrain the teachers that fit an hour, ship them to toy/teachers/
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
+  python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) again
 
 Every stage is a plain run of a stage script with the flags printed here, so each number can be
 reproduced by hand. A finished stage is skipped (delete runs/toy/bench/<stage> to redo it); one killed part-way
@@ -14,7 +15,8 @@ resumes from its newest checkpoint.
   3. the task-reward baselines GRPO-Mix and NFT-Mix (rewards 3:1:1), and Flow-OPD: pg (closed-form and sampled
      per-step rewards) and gkd, with and without MAR, from SFT or the merge, and DanceOPD's variant
      (gkd, plain velocity MSE, one low-noise state per rollout)
-  4. evaluate.py on every model: held-out prompts, strict metrics, 95% CIs, comparison grids
+  4. evaluate.py on every model: held-out prompts, strict metrics, 95% CIs, comparison grids; then per model and
+     metric the paired difference to the base and to the best single teacher (OUT/paired.md)
 """
 import json
 import os
@@ -101,8 +103,38 @@ def retrain_teachers(seconds):
         print(f"[ship] teacher {t}: {OUT}/teacher_{t} -> {folder}")
 
 
+METRICS = {"composition": ("toy_composition", ["toy_composition_strict", "toy_composition"]),
+           "text": ("toy_text", ["toy_text_accuracy", "toy_text_strict"]),
+           "quality": ("toy_quality", ["toy_quality_strict", "toy_quality"])}
+
+
+def paired_report():
+    """Per model and metric, the per-image paired difference (same prompt, same starting noise) to the base and
+    to the best single teacher of that metric (the teacher with the highest mean on it), +- the 95% CI; to
+    OUT/paired.md."""
+    from eval_paired import load, paired  # benchmarks/eval_paired.py, next to this script
+    folder = lambda m: f"{OUT}/eval/{m}"
+    lines = ["| model | metric | n | mean | − base (95% CI) | best teacher | − best teacher (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    for task, (benchmark, metrics) in METRICS.items():
+        for metric in metrics:
+            scores = {m: load(folder(m), benchmark, metric) for m in MODELS}
+            teachers = [f"teacher_{t}" for t in TASKS]
+            best = max(teachers, key=lambda m: sum(scores[m].values()) / len(scores[m]))
+            for m in MODELS:
+                mean, _, d_base, ci_base, n = paired(scores["base"], scores[m])
+                vs_best = "" if m == best else "{:+.3f} ± {:.3f}".format(*paired(scores[best], scores[m])[2:4])
+                d = "" if m == "base" else f"{d_base:+.3f} ± {ci_base:.3f}"
+                lines.append(f"| {m} | {metric} | {n} | {mean:.3f} | {d} | {best} | {vs_best} |")
+    open(f"{OUT}/paired.md", "w").write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
+    if only == "report":  # the paired differences of an evaluation that exists
+        print(paired_report())
+        raise SystemExit(0)
     seconds = json.load(open(f"{OUT}/seconds.json")) if os.path.isfile(f"{OUT}/seconds.json") else {}
     if ship:
         retrain_teachers(seconds)
@@ -121,4 +153,5 @@ if __name__ == "__main__":
     seconds["eval"] = time.time() - t0
     json.dump(seconds, open(f"{OUT}/seconds.json", "w"), indent=2)
     print(open(f"{OUT}/eval/results.md").read())
+    print(paired_report())
     print("seconds per stage:", json.dumps(seconds))
