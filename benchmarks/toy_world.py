@@ -48,13 +48,13 @@ teacher_tasks = [{"name": t, "prompts": p, "teacher": TEACHER[t], "weight": w, "
                  for (t, p), w in zip(TASKS.items(), (3.0, 1.0, 1.0))]
 # 20 iterations of 64 samples (distill.py's toy default) for every run after the teachers: equal budgets
 distill_common = [f"--tasks={teacher_tasks!r}", f"--anchor={TEACHER['quality']}", "--eval_images=0", "--iterations=20"]
+cold_teachers = f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}"  # cold_start.py's form
 sft, merge = [f"--student_init={OUT}/sft"], [f"--student_init={OUT}/merge/adapter"]
 dance = ["--objective=gkd", "--step_weight=uniform", "--supervise=low_noise"]
 
 STAGES = [  # (name, script, flags); every run writes to OUT/name
-    ("sft", "cold_start.py", [f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}",
-                              f"--data_dir={OUT}/sft_data"]),
-    ("merge", "cold_start.py", ["--mode=merge", f"--teachers={[{**t, 'adapter': t['teacher']} for t in teacher_tasks]!r}"]),
+    ("sft", "cold_start.py", [cold_teachers, f"--data_dir={OUT}/sft_data"]),
+    ("merge", "cold_start.py", ["--mode=merge", cold_teachers]),
     ("grpo_mix", "distill.py", [*distill_common, "--objective=grpo_mix", "--kl_beta=0.02", "--lr=3e-3",  # the GRPO teachers' recipe
                                 "--shared_init_noise=True", "--timestep_fraction=0.5", "--sde_window=True", "--supervise=all"]),
     ("nft_mix", "distill.py", [*distill_common, "--objective=nft_mix", "--shared_init_noise=False",  # the NFT teachers' recipe
@@ -83,8 +83,9 @@ def run(name, script, flags):
     print("[run]", " ".join(command[1:]), flush=True)
     t0 = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
-    json.dump({"seconds": time.time() - t0, "command": command[1:]}, open(f"{out}/stage_done.json", "w"), indent=2)
-    return time.time() - t0
+    seconds = time.time() - t0
+    json.dump({"seconds": seconds, "command": command[1:]}, open(f"{out}/stage_done.json", "w"), indent=2)
+    return seconds
 
 
 def retrain_teachers(seconds):
@@ -116,10 +117,10 @@ def paired_report():
     folder = lambda m: f"{OUT}/eval/{m}"
     lines = ["| model | metric | n | mean | − base (95% CI) | best teacher | − best teacher (95% CI) |",
              "|---|---|---|---|---|---|---|"]
+    teachers = [f"teacher_{t}" for t in TASKS]
     for task, (benchmark, metrics) in METRICS.items():
         for metric in metrics:
             scores = {m: load(folder(m), benchmark, metric) for m in MODELS}
-            teachers = [f"teacher_{t}" for t in TASKS]
             best = max(teachers, key=lambda m: sum(scores[m].values()) / len(scores[m]))
             for m in MODELS:
                 mean, _, d_base, ci_base, n = paired(scores["base"], scores[m])
