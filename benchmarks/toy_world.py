@@ -5,6 +5,8 @@ The toy world's whole pipeline after the base model, measured: the numbers in do
   python benchmarks/toy_world.py --ship          # ... first retrain the teachers that fit an hour, ship them to toy/teachers/
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
   python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) again
+  python benchmarks/toy_world.py --longer        # after it: two of its runs resumed to 60 iterations, evaluated
+                                                 # at 20, 40, 60 (OUT/longer, OUT/eval_longer/paired.md; ~15 min)
 
 Every stage is a plain run of a stage script with the flags printed here, so each number can be
 reproduced by hand. A finished stage is skipped (delete runs/toy/bench/<stage> to redo it); one killed part-way
@@ -29,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402  (the repository root is not on the path of a script in benchmarks/)
 OUT = "runs/toy/bench"
-ship = "--ship" in sys.argv
+ship, longer = "--ship" in sys.argv, "--longer" in sys.argv
 only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), "")
 HOUR = 60.0  # minutes of teacher training --ship may spend
 
@@ -67,6 +69,10 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
     ("opd_gkd_mar", "distill.py", [*distill_common, *sft, "--objective=gkd"]),
     ("dance_mar", "distill.py", [*distill_common, *sft, *dance]),
 ]
+# --longer: Flow-OPD as the paper runs it (pg + MAR from a cold start, here the merge) and the stronger task-reward
+# baseline, each resumed from its 20-iteration run to 3x the budget (constant lr: the 20-iteration checkpoint is
+# the same run); does the student close on its teachers with more samples?
+LONGER, LONGER_ITERATIONS = ["opd_pg_mar_merge", "nft_mix"], 60
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
 
@@ -109,32 +115,84 @@ METRICS = {"composition": ("toy_composition", ["toy_composition_strict", "toy_co
            "quality": ("toy_quality", ["toy_quality_strict", "toy_quality"])}
 
 
-def paired_report():
+def paired_report(models=None, eval_dir=None, path=None):
     """Per model and metric, the per-image paired difference (same prompt, same starting noise) to the base and
     to the best single teacher of that metric (the teacher with the highest mean on it), +- the 95% CI; to
-    OUT/paired.md."""
+    `path` (default: the pipeline's models, OUT/eval, OUT/paired.md)."""
     from eval_paired import load, paired  # benchmarks/eval_paired.py, next to this script
-    folder = lambda m: f"{OUT}/eval/{m}"
+    models, eval_dir, path = models or MODELS, eval_dir or f"{OUT}/eval", path or f"{OUT}/paired.md"
+    folder = lambda m: f"{eval_dir}/{m}"
     lines = ["| model | metric | n | mean | − base (95% CI) | best teacher | − best teacher (95% CI) |",
              "|---|---|---|---|---|---|---|"]
     teachers = [f"teacher_{t}" for t in TASKS]
     for task, (benchmark, metrics) in METRICS.items():
         for metric in metrics:
-            scores = {m: load(folder(m), benchmark, metric) for m in MODELS}
+            scores = {m: load(folder(m), benchmark, metric) for m in models}
             best = max(teachers, key=lambda m: sum(scores[m].values()) / len(scores[m]))
-            for m in MODELS:
+            for m in models:
                 mean, _, d_base, ci_base, n = paired(scores["base"], scores[m])
                 vs_best = "" if m == best else "{:+.3f} ± {:.3f}".format(*paired(scores[best], scores[m])[2:4])
                 d = "" if m == "base" else f"{d_base:+.3f} ± {ci_base:.3f}"
                 lines.append(f"| {m} | {metric} | {n} | {mean:.3f} | {d} | {best} | {vs_best} |")
-    open(f"{OUT}/paired.md", "w").write("\n".join(lines) + "\n")
+    open(path, "w").write("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def training_report(runs=None, path=None):
+    """Per RL run and task, the mean of the first and the last 5 iterations' training reward and (OPD runs) the
+    per-step KL to the task's teacher and to the MAR anchor, from each run's log.jsonl; to `path` (OUT/training.md)."""
+    runs, path = runs or [s for s, script, _ in STAGES if script == "distill.py"], path or f"{OUT}/training.md"
+    lines = ["| run | task | reward: first 5 -> last 5 | KL to its teacher | KL to the anchor |", "|---|---|---|---|---|"]
+    for run_name in runs:
+        log = [r for r in map(json.loads, open(f"{OUT}/{run_name}/log.jsonl")) if "loss" in r]  # iterations only
+        for task in TASKS:
+            cells = []
+            for key in ("reward", "kl_teacher", "kl_anchor"):
+                values = [r[f"{task}/{key}"] for r in log if f"{task}/{key}" in r]
+                cells.append(f"{sum(values[:5]) / len(values[:5]):.4f} -> {sum(values[-5:]) / len(values[-5:]):.4f}"
+                             if values else "")
+            lines.append(f"| {run_name} | {task} | " + " | ".join(cells) + " |")
+    open(path, "w").write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def evaluate(models, eval_dir):
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+                    f"--models={models!r}", f"--out_dir={eval_dir}"], cwd=ROOT, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_longer():
+    """--longer: each LONGER run copied from OUT/name to OUT/longer/name (the original stays as it is) and resumed
+    to LONGER_ITERATIONS, a checkpoint every 20; the base, the teachers and every checkpoint evaluated into
+    OUT/eval_longer (the base's and teachers' images copied from OUT/eval, so reused), paired as the pipeline."""
+    flags_of = {name: flags for name, _, flags in STAGES}
+    models = {m: MODELS[m] for m in ("base", *(f"teacher_{t}" for t in TASKS))}
+    for name in LONGER:
+        if not os.path.isfile(f"{OUT}/{name}/stage_done.json"):
+            raise SystemExit(f"error: {OUT}/{name} has not finished: run python benchmarks/toy_world.py first")
+        if not os.path.isdir(f"{OUT}/longer/{name}"):
+            shutil.copytree(f"{OUT}/{name}", f"{OUT}/longer/{name}.tmp")
+            os.rename(f"{OUT}/longer/{name}.tmp", f"{OUT}/longer/{name}")
+            os.remove(f"{OUT}/longer/{name}/stage_done.json")
+        flags = [f for f in flags_of[name] if not f.startswith("--iterations=")]
+        run(f"longer/{name}", "distill.py", [*flags, f"--iterations={LONGER_ITERATIONS}", "--save_every=20", "--keep=10"])
+        models.update({f"{name}@{i}": f"{OUT}/longer/{name}/step_{i:06d}" for i in range(20, LONGER_ITERATIONS + 1, 20)})
+    for m in ("base", *(f"teacher_{t}" for t in TASKS)):
+        if os.path.isdir(f"{OUT}/eval/{m}") and not os.path.isdir(f"{OUT}/eval_longer/{m}"):
+            shutil.copytree(f"{OUT}/eval/{m}", f"{OUT}/eval_longer/{m}")
+    evaluate(models, f"{OUT}/eval_longer")
+    print(paired_report(models, f"{OUT}/eval_longer", f"{OUT}/eval_longer/paired.md"))
 
 
 if __name__ == "__main__":
     os.chdir(ROOT)
-    if only == "report":  # the paired differences of an evaluation that exists
+    if only == "report":  # the paired differences of an evaluation that exists, and the training logs' summary
         print(paired_report())
+        print(training_report())
+        raise SystemExit(0)
+    if longer:
+        run_longer()
         raise SystemExit(0)
     seconds = json.load(open(f"{OUT}/seconds.json")) if os.path.isfile(f"{OUT}/seconds.json") else {}
     if ship:
@@ -148,11 +206,10 @@ if __name__ == "__main__":
                 os.makedirs(OUT, exist_ok=True)
                 json.dump(seconds, open(f"{OUT}/seconds.json", "w"), indent=2)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
-                    f"--models={MODELS!r}", f"--out_dir={OUT}/eval"], cwd=ROOT, check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    evaluate(MODELS, f"{OUT}/eval")
     seconds["eval"] = time.time() - t0
     json.dump(seconds, open(f"{OUT}/seconds.json", "w"), indent=2)
     print(open(f"{OUT}/eval/results.md").read())
     print(paired_report())
+    print(training_report())
     print("seconds per stage:", json.dumps(seconds))

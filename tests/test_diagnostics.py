@@ -64,3 +64,55 @@ def test_pass_at_k():
     correct = (strict == 1.0).astype(np.float64)
     expected = [correct.mean(), (5 / 6 + 1 / 2) / 2, 1.0, dense.std(1, ddof=1).mean(), correct.std(1, ddof=1).mean()]
     assert values == pytest.approx(expected, abs=1e-12)
+
+
+def test_toy_world_paired_report(tmp_path, monkeypatch):
+    """benchmarks/toy_world.paired_report, the table docs/toy_results.md quotes: per metric, the best single teacher
+    is the one with the highest mean, and every model's row holds its mean and the per-image paired differences
+    to the base and to that teacher (numpy, float64)."""
+    import toy_world
+    rng = np.random.default_rng(1)
+    models = ["base", "teacher_composition", "teacher_text", "teacher_quality", "student"]
+    values = {}
+    for task, (benchmark, metrics) in toy_world.METRICS.items():
+        for j, m in enumerate(models):
+            offset = 0.3 if m == f"teacher_{task}" else 0.0  # each task's own teacher is its best
+            values[task, m] = {metric: rng.random(12) + offset + 0.01 * k for k, metric in enumerate(metrics)}
+            os.makedirs(tmp_path / "eval" / m / benchmark)
+            rows = [{"prompt_index": i, "image_index": 0, "seed": i, **{metric: float(values[task, m][metric][i])
+                                                                         for metric in metrics}} for i in range(12)]
+            (tmp_path / "eval" / m / benchmark / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(toy_world, "OUT", str(tmp_path))
+    monkeypatch.setattr(toy_world, "MODELS", {m: "" for m in models})
+    table = toy_world.paired_report().splitlines()
+    assert open(tmp_path / "paired.md").read().splitlines() == table
+    assert len(table) == 2 + sum(len(metrics) for _, metrics in toy_world.METRICS.values()) * len(models)
+    ci = lambda d: 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+    for task, (_, metrics) in toy_world.METRICS.items():
+        best = f"teacher_{task}"
+        for metric in metrics:
+            s, b, t = values[task, "student"][metric], values[task, "base"][metric], values[task, best][metric]
+            row = (f"| student | {metric} | 12 | {s.mean():.3f} | {(s - b).mean():+.3f} ± {ci(s - b):.3f} | {best} | "
+                   f"{(s - t).mean():+.3f} ± {ci(s - t):.3f} |")
+            assert row in table
+            assert f"| {best} | {metric} | 12 | {t.mean():.3f} | {(t - b).mean():+.3f} ± {ci(t - b):.3f} | {best} |  |" in table
+            assert f"| base | {metric} | 12 | {b.mean():.3f} |  | {best} |" in "\n".join(table)
+
+
+def test_toy_world_training_report(tmp_path, monkeypatch):
+    """benchmarks/toy_world.training_report: per run and task, the means of the first and the last 5 iterations
+    of the logged reward and KLs (a resume line in the log is not an iteration; a key a run does not log is blank)."""
+    import toy_world
+    rng = np.random.default_rng(2)
+    values = rng.random((12, 3))
+    os.makedirs(tmp_path / "run")
+    lines = [{"iteration": i + 1, "loss": 0.0, "composition/reward": values[i, 0], "composition/kl_teacher": values[i, 1],
+              "text/reward": values[i, 2]} for i in range(12)]
+    lines.insert(6, {"iteration": 6, "resumed_from": "step_6", "changed": {}})
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    monkeypatch.setattr(toy_world, "OUT", str(tmp_path))
+    table = toy_world.training_report(["run"]).splitlines()
+    cell = lambda v: f"{v[:5].mean():.4f} -> {v[-5:].mean():.4f}"
+    assert f"| run | composition | {cell(values[:, 0])} | {cell(values[:, 1])} |  |" in table
+    assert f"| run | text | {cell(values[:, 2])} |  |  |" in table and "| run | quality |  |  |  |" in table
+    assert open(tmp_path / "training.md").read().splitlines() == table
