@@ -4,9 +4,10 @@ The toy world's whole pipeline after the base model, measured: the numbers in do
   python benchmarks/toy_world.py                 # the pipeline on the shipped teachers (under an hour on 2 CPU cores), resumable
   python benchmarks/toy_world.py --ship          # ... first retrain the teachers that fit an hour, ship them to toy/teachers/
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
-  python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) again
-  python benchmarks/toy_world.py --longer        # after it: two of its runs resumed to 60 iterations, evaluated
-                                                 # at 20, 40, 60 (OUT/longer, OUT/eval_longer/paired.md; ~15 min)
+  python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) and the
+                                                 # training logs' summary (OUT/training.md) again
+  python benchmarks/toy_world.py --longer        # after it: two of its runs resumed to 60 iterations, pg sampled
+                                                 # without MAR, gkd from the merge (OUT/eval_longer; ~35 min)
 
 Every stage is a plain run of a stage script with the flags printed here, so each number can be
 reproduced by hand. A finished stage is skipped (delete runs/toy/bench/<stage> to redo it); one killed part-way
@@ -18,7 +19,8 @@ resumes from its newest checkpoint.
      per-step rewards) and gkd, with and without MAR, from SFT or the merge, and DanceOPD's variant
      (gkd, plain velocity MSE, one low-noise state per rollout)
   4. evaluate.py on every model: held-out prompts, strict metrics, 95% CIs, comparison grids; then per model and
-     metric the paired difference to the base and to the best single teacher (OUT/paired.md)
+     metric the paired difference to the base and to the best single teacher (OUT/paired.md), and per run and
+     task the training reward and the KLs to the teacher and the anchor, first and last 5 iterations (OUT/training.md)
 """
 import json
 import os
@@ -73,6 +75,11 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
 # baseline, each resumed from its 20-iteration run to 3x the budget (constant lr: the 20-iteration checkpoint is
 # the same run); does the student close on its teachers with more samples?
 LONGER, LONGER_ITERATIONS = ["opd_pg_mar_merge", "nft_mix"], 60
+# ... and new runs (name, flags, iterations): does pg's sampled per-step reward move the student toward its teachers
+# without MAR (training.md: the KLs)? and gkd, the objective that does, from the merge for 60 iterations
+every20 = ["--save_every=20", "--keep=10"]
+EXTRA = [("opd_pg_sampled_nomar", [*sft, "--pg_reward=sampled", "--beta_mar=0.0"], 20),
+         ("opd_gkd_mar_merge_60", [*merge, "--objective=gkd", *every20], 60)]
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
 
@@ -164,25 +171,32 @@ def evaluate(models, eval_dir):
 
 def run_longer():
     """--longer: each LONGER run copied from OUT/name to OUT/longer/name (the original stays as it is) and resumed
-    to LONGER_ITERATIONS, a checkpoint every 20; the base, the teachers and every checkpoint evaluated into
-    OUT/eval_longer (the base's and teachers' images copied from OUT/eval, so reused), paired as the pipeline."""
+    to LONGER_ITERATIONS, a checkpoint every 20, and the EXTRA runs made; the base, the teachers, every checkpoint
+    and the EXTRA runs evaluated into OUT/eval_longer (the base's and teachers' images copied from OUT/eval, so reused), paired as the pipeline."""
     flags_of = {name: flags for name, _, flags in STAGES}
     models = {m: MODELS[m] for m in ("base", *(f"teacher_{t}" for t in TASKS))}
+    for name, flags, iterations in EXTRA:
+        run(name, "distill.py", [*[f for f in distill_common if not f.startswith("--iterations=")], *flags,
+                                 f"--iterations={iterations}"])
+        models.update({name: f"{OUT}/{name}"} if iterations == 20 else
+                      {f"{name}_it{i}": f"{OUT}/{name}/step_{i:06d}" for i in range(20, iterations + 1, 20)})
     for name in LONGER:
         if not os.path.isfile(f"{OUT}/{name}/stage_done.json"):
             raise SystemExit(f"error: {OUT}/{name} has not finished: run python benchmarks/toy_world.py first")
         if not os.path.isdir(f"{OUT}/longer/{name}"):
+            shutil.rmtree(f"{OUT}/longer/{name}.tmp", ignore_errors=True)  # a copy killed midway
             shutil.copytree(f"{OUT}/{name}", f"{OUT}/longer/{name}.tmp")
             os.rename(f"{OUT}/longer/{name}.tmp", f"{OUT}/longer/{name}")
             os.remove(f"{OUT}/longer/{name}/stage_done.json")
         flags = [f for f in flags_of[name] if not f.startswith("--iterations=")]
-        run(f"longer/{name}", "distill.py", [*flags, f"--iterations={LONGER_ITERATIONS}", "--save_every=20", "--keep=10"])
-        models.update({f"{name}@{i}": f"{OUT}/longer/{name}/step_{i:06d}" for i in range(20, LONGER_ITERATIONS + 1, 20)})
+        run(f"longer/{name}", "distill.py", [*flags, f"--iterations={LONGER_ITERATIONS}", *every20])
+        models.update({f"{name}_it{i}": f"{OUT}/longer/{name}/step_{i:06d}" for i in range(20, LONGER_ITERATIONS + 1, 20)})
     for m in ("base", *(f"teacher_{t}" for t in TASKS)):
         if os.path.isdir(f"{OUT}/eval/{m}") and not os.path.isdir(f"{OUT}/eval_longer/{m}"):
             shutil.copytree(f"{OUT}/eval/{m}", f"{OUT}/eval_longer/{m}")
     evaluate(models, f"{OUT}/eval_longer")
     print(paired_report(models, f"{OUT}/eval_longer", f"{OUT}/eval_longer/paired.md"))
+    print(training_report([name for name, _, _ in EXTRA] + [f"longer/{name}" for name in LONGER], f"{OUT}/eval_longer/training.md"))
 
 
 if __name__ == "__main__":
