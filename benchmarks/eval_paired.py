@@ -12,8 +12,11 @@ metric, the base's, and the mean per-image difference +- its 95% CI half-width (
 """
 import argparse
 import json
-import math
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import mean_ci  # noqa: E402  (the repository root is not on the path of a script in benchmarks/)
 
 
 def load(folder, benchmark, metric):
@@ -32,11 +35,8 @@ def paired(base, other):
     keys = sorted(set(base) & set(other))
     if len(keys) < 2:
         raise SystemExit("error: fewer than two images in common: were both models evaluated with the same settings?")
-    diff = [other[k] - base[k] for k in keys]
-    mean = sum(diff) / len(diff)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1))
-    return (sum(other[k] for k in keys) / len(keys), sum(base[k] for k in keys) / len(keys), mean,
-            1.96 * sd / math.sqrt(len(diff)), len(keys))
+    mean, ci, _ = mean_ci([other[k] - base[k] for k in keys])
+    return sum(other[k] for k in keys) / len(keys), sum(base[k] for k in keys) / len(keys), mean, ci, len(keys)
 
 
 def main():
