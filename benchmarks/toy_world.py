@@ -7,7 +7,7 @@ The toy world's whole pipeline after the base model, measured: the numbers in do
   python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) and the
                                                  # training logs' summary (OUT/training.md) again
   python benchmarks/toy_world.py --longer        # after it: two of its runs resumed to 60 iterations, pg sampled
-                                                 # without MAR, gkd from the merge (OUT/eval_longer; ~35 min)
+                                                 # without MAR, gkd from the merge x 2 seeds (OUT/eval_longer; ~50 min)
 
 Every stage is a plain run of a stage script with the flags printed here, so each number can be
 reproduced by hand. A finished stage is skipped (delete runs/toy/bench/<stage> to redo it); one killed part-way
@@ -76,10 +76,11 @@ STAGES = [  # (name, script, flags); every run writes to OUT/name
 # the same run); does the student close on its teachers with more samples?
 LONGER, LONGER_ITERATIONS = ["opd_pg_mar_merge", "nft_mix"], 60
 # ... and new runs (name, flags, iterations): does pg's sampled per-step reward move the student toward its teachers
-# without MAR (training.md: the KLs)? and gkd, the objective that does, from the merge for 60 iterations
+# without MAR (training.md: the KLs)? and gkd, the objective that does, from the merge for 60 iterations, twice
 every20 = ["--save_every=20", "--keep=10"]
 EXTRA = [("opd_pg_sampled_nomar", [*sft, "--pg_reward=sampled", "--beta_mar=0.0"], 20),
-         ("opd_gkd_mar_merge_60", [*merge, "--objective=gkd", *every20], 60)]
+         ("opd_gkd_mar_merge_60", [*merge, "--objective=gkd", *every20], 60),
+         ("opd_gkd_mar_merge_60_seed1", [*merge, "--objective=gkd", *every20, "--seed=1"], 60)]  # its replicate
 MODELS = {"base": "", **{f"teacher_{t}": TEACHER[t] for t in TASKS}, "sft": f"{OUT}/sft", "merge": f"{OUT}/merge/adapter",
           **{s: f"{OUT}/{s}" for s, script, _ in STAGES if script == "distill.py"}}
 
