@@ -171,16 +171,18 @@ def evaluate(models, eval_dir):
 
 
 def run_longer():
-    """--longer: each LONGER run copied from OUT/name to OUT/longer/name (the original stays as it is) and resumed
-    to LONGER_ITERATIONS, a checkpoint every 20, and the EXTRA runs made; the base, the teachers, every checkpoint
-    and the EXTRA runs evaluated into OUT/eval_longer (the base's and teachers' images copied from OUT/eval, so reused), paired as the pipeline."""
+    """--longer: the EXTRA runs made, and each LONGER run copied from OUT/name to OUT/longer/name (the original
+    stays as it is) and resumed to LONGER_ITERATIONS, a checkpoint every 20; the base, the teachers and every
+    checkpoint evaluated into OUT/eval_longer (the base's and teachers' images copied from OUT/eval, so reused),
+    paired as the pipeline."""
+    with_iterations = lambda flags, n: [*(f for f in flags if not f.startswith("--iterations=")), f"--iterations={n}"]
+    checkpoints = lambda name, folder, n: {f"{name}_it{i}": f"{folder}/step_{i:06d}" for i in range(20, n + 1, 20)}
     flags_of = {name: flags for name, _, flags in STAGES}
-    models = {m: MODELS[m] for m in ("base", *(f"teacher_{t}" for t in TASKS))}
+    references = ("base", *(f"teacher_{t}" for t in TASKS))
+    models = {m: MODELS[m] for m in references}
     for name, flags, iterations in EXTRA:
-        run(name, "distill.py", [*[f for f in distill_common if not f.startswith("--iterations=")], *flags,
-                                 f"--iterations={iterations}"])
-        models.update({name: f"{OUT}/{name}"} if iterations == 20 else
-                      {f"{name}_it{i}": f"{OUT}/{name}/step_{i:06d}" for i in range(20, iterations + 1, 20)})
+        run(name, "distill.py", with_iterations([*distill_common, *flags], iterations))
+        models.update({name: f"{OUT}/{name}"} if iterations == 20 else checkpoints(name, f"{OUT}/{name}", iterations))
     for name in LONGER:
         if not os.path.isfile(f"{OUT}/{name}/stage_done.json"):
             raise SystemExit(f"error: {OUT}/{name} has not finished: run python benchmarks/toy_world.py first")
@@ -189,10 +191,9 @@ def run_longer():
             shutil.copytree(f"{OUT}/{name}", f"{OUT}/longer/{name}.tmp")
             os.rename(f"{OUT}/longer/{name}.tmp", f"{OUT}/longer/{name}")
             os.remove(f"{OUT}/longer/{name}/stage_done.json")
-        flags = [f for f in flags_of[name] if not f.startswith("--iterations=")]
-        run(f"longer/{name}", "distill.py", [*flags, f"--iterations={LONGER_ITERATIONS}", *every20])
-        models.update({f"{name}_it{i}": f"{OUT}/longer/{name}/step_{i:06d}" for i in range(20, LONGER_ITERATIONS + 1, 20)})
-    for m in ("base", *(f"teacher_{t}" for t in TASKS)):
+        run(f"longer/{name}", "distill.py", [*with_iterations(flags_of[name], LONGER_ITERATIONS), *every20])
+        models.update(checkpoints(name, f"{OUT}/longer/{name}", LONGER_ITERATIONS))
+    for m in references:
         if os.path.isdir(f"{OUT}/eval/{m}") and not os.path.isdir(f"{OUT}/eval_longer/{m}"):
             shutil.copytree(f"{OUT}/eval/{m}", f"{OUT}/eval_longer/{m}")
     evaluate(models, f"{OUT}/eval_longer")

@@ -75,7 +75,7 @@ def test_toy_world_paired_report(tmp_path, monkeypatch):
     models = ["base", "teacher_composition", "teacher_text", "teacher_quality", "student"]
     values = {}
     for task, (benchmark, metrics) in toy_world.METRICS.items():
-        for j, m in enumerate(models):
+        for m in models:
             offset = 0.3 if m == f"teacher_{task}" else 0.0  # each task's own teacher is its best
             values[task, m] = {metric: rng.random(12) + offset + 0.01 * k for k, metric in enumerate(metrics)}
             os.makedirs(tmp_path / "eval" / m / benchmark)
