@@ -257,18 +257,13 @@ def divergence(mean_a, mean_b, step_std, j):
 
 
 def optimizer_update(iteration):
-    """Clip, step, EMA; a non-finite gradient norm skips the update (counted). Returns the norm."""
+    """M.optimizer_update, counting the steps taken and skipped. Returns the gradient norm."""
     global optimizer_step, skipped
-    grad_norm = M.clip_grad_norm(params, grad_clip)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-        optimizer_step += 1
-        if ema_weights is not None:
-            ema_weights.update(optimizer_step - 1)
-    else:
+    grad_norm, stepped = M.optimizer_update(optimizer, params, grad_clip, ema_weights, optimizer_step)
+    optimizer_step += stepped
+    if not stepped:
         skipped += 1
-        print(f"warning: non-finite gradient norm at iteration {iteration}; update skipped")
-    optimizer.zero_grad(set_to_none=True)
+        print(f"warning: non-finite gradient norm at iteration {iteration + 1}; update skipped")
     return grad_norm
 
 
@@ -379,7 +374,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
                     scores, _ = reward_fns[name](batch["images"][rows], [batch["rows"][i][0] for i in rows], [batch["rows"][i][1] for i in rows])
                     task_rewards[b, rows.to(dist.device)] = scores.to(dist.device)
                 except FloatingPointError as e:
-                    print(f"warning: iteration {iteration}: {e}")
+                    print(f"warning: iteration {iteration + 1}: {e}")
                     task_rewards[b, rows.to(dist.device)] = float("inf")  # marks the iteration as unusable
     all_rewards = M.all_gather(task_rewards[None]).permute(1, 0, 2).reshape(-1).cpu()  # global sample order
     all_tasks = torch.tensor([t for t, _ in order])
@@ -388,7 +383,7 @@ for iteration in tqdm(range(start_iter, iterations), desc="iterations", disable=
         if not torch.isfinite(all_rewards).all():
             skipped += 1
             if dist.master:
-                print(f"warning: non-finite rewards in iteration {iteration}; skipped it ({skipped} so far)")
+                print(f"warning: non-finite rewards in iteration {iteration + 1}; skipped it ({skipped} so far)")
             log.write({"iteration": iteration + 1, "skipped": skipped})
             continue
         adv, zero_std = M.group_advantages(all_rewards, [t * 10 ** 9 + p for t, p in order], global_std, adv_clip)

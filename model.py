@@ -1640,6 +1640,19 @@ def clip_grad_norm(params, max_norm):
     return _full(norm) if hasattr(norm, "full_tensor") else norm
 
 
+def optimizer_update(optimizer, params, max_norm, ema, step):
+    """One update: clip the gradients, step, then the EMA (`step` = optimizer steps taken before this one); a
+    non-finite gradient norm skips the step. Gradients are zeroed either way. Returns (norm, whether it stepped)."""
+    grad_norm = clip_grad_norm(params, max_norm)
+    stepped = bool(torch.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+        if ema is not None:
+            ema.update(step)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

@@ -188,18 +188,13 @@ def save_due(iteration):
 
 
 def optimizer_update(iteration):
-    """Clip, step, EMA; a non-finite gradient norm skips the update (counted). Returns the norm."""
+    """M.optimizer_update, counting the steps taken and skipped. Returns the gradient norm."""
     global optimizer_step, skipped
-    grad_norm = M.clip_grad_norm(params, grad_clip)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-        optimizer_step += 1
-        if ema_weights is not None:
-            ema_weights.update(optimizer_step - 1)
-    else:
+    grad_norm, stepped = M.optimizer_update(optimizer, params, grad_clip, ema_weights, optimizer_step)
+    optimizer_step += stepped
+    if not stepped:
         skipped += 1
         print(f"warning: non-finite gradient norm at iteration {iteration + 1}; update skipped", file=sys.stderr)
-    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 

@@ -573,3 +573,22 @@ def test_mean_ci_against_statistics():
     assert M.mean_ci([0.25]) == (0.25, 0.0, 0.0)
     shifted = M.mean_ci([v + 3 for v in values])
     assert shifted[0] == pytest.approx(mean + 3) and shifted[1] == pytest.approx(ci, rel=1e-9)
+
+
+def test_optimizer_update_clips_steps_and_skips_non_finite():
+    """model.optimizer_update: a finite gradient is clipped to max_norm (the returned norm is the unclipped one),
+    stepped with, and the EMA follows; a non-finite one leaves the weights and the EMA as they were. The gradients
+    are zeroed either way."""
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=1.0)
+    ema = M.EMA([("w", w)], decay=0.5, every=1)
+    w.grad = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)  # norm 5, clipped to 1
+    norm, stepped = M.optimizer_update(opt, [w], 1.0, ema, step=100)
+    assert stepped and float(norm) == pytest.approx(5.0) and w.grad is None
+    assert torch.allclose(w.detach(), torch.tensor([-0.6, -0.8, 0, 0], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(ema.shadow["w"], 0.5 * w.detach())  # decay min(101/110, 0.5) = 0.5 from the zero start
+    before, shadow = w.detach().clone(), ema.shadow["w"].clone()
+    w.grad = torch.tensor([float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64)
+    norm, stepped = M.optimizer_update(opt, [w], 1.0, ema, step=101)
+    assert not stepped and not math.isfinite(float(norm)) and w.grad is None
+    assert torch.equal(w.detach(), before) and torch.equal(ema.shadow["w"], shadow)
