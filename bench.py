@@ -397,13 +397,6 @@ def run_rollout(transformer, inputs, adapter="student", keep=True):
                          noise_level, keep=keep)
 
 
-def optimizer_step(optimizer, params):
-    grad_norm = M.clip_grad_norm(params, 1.0)
-    if torch.isfinite(grad_norm):  # a host sync, as in the scripts
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def grpo_timestep(transformer, inputs, roll, advantages, j, optimizer, params):
     """train_teacher.py's training step at timestep j, then an optimizer step."""
     x, x_next = roll.latents[:, j], roll.latents[:, j + 1]
@@ -417,7 +410,7 @@ def grpo_timestep(transformer, inputs, roll, advantages, j, optimizer, params):
         policy_loss, _ = M.clipped_surrogate(log_prob, roll.log_probs[:, j], advantages, clip_range)
         kl = M.transition_kl(mean, ref_mean, step_std, SIGMAS[j + 1] - SIGMAS[j], "reference").mean()
         (policy_loss + kl_beta * kl).backward()
-    optimizer_step(optimizer, params)
+    M.optimizer_update(optimizer, params, 1.0, None, 0)  # the scripts' update
 
 
 def task_routing(B):
@@ -469,7 +462,7 @@ def opd_state(transformer, inputs, roll, j, alpha, optimizer, params):
     """One supervised state per image of distill.py: labels, training, then an optimizer step."""
     target, anchor_mean, advantages = opd_labels(transformer, inputs, roll, j, alpha)
     opd_train(transformer, inputs, roll, j, target, anchor_mean, advantages)
-    optimizer_step(optimizer, params)
+    M.optimizer_update(optimizer, params, 1.0, None, 0)  # the scripts' update
 
 
 # -----------------------------------------------------------------------------------------------
@@ -807,7 +800,7 @@ def section_distill(transformer, optimizer, params):
                 transformer.train()
                 for jj, target, anchor_mean, advantages in labels[:2]:
                     opd_train(transformer, inputs, roll, jj, target, anchor_mean, advantages)
-                optimizer_step(optimizer, params)
+                M.optimizer_update(optimizer, params, 1.0, None, 0)  # the scripts' update
                 transformer.eval()
             sync()
             seconds = time.perf_counter() - t0
