@@ -425,12 +425,13 @@ def render(metadata_or_prompt, rng, size=32, imperfection=None, return_flaws=Fal
 
 
 def make_pretraining_set(folder, n, seed, imperfection=DEFAULT_IMPERFECTION, task_mix=None, size=32, split="all",
-                         layout="grid"):
+                         layout="grid", group_weights=None):
     """folder/images/000000.png ... and folder/captions.jsonl, one {"file", "prompt", "task", "metadata",
     "flaws"} per line: the plain image-caption format cold_start.py pre-trains from. The caption is that
     of the intended scene; the flaws say how the image departs from it. split="all" by default: the base
     model has seen the grammar's whole prompt space, as SD3.5 saw GenEval-like captions; the train/test
-    split only separates RL prompts from evaluation prompts."""
+    split only separates RL prompts from evaluation prompts. group_weights {task: {group: weight}}: a task's
+    groups (GenEval tag, text length, quality kind) in these proportions instead of uniformly."""
     task_mix = task_mix or DEFAULT_TASK_MIX
     names = list(task_mix)
     weights = np.array([task_mix[t] for t in names], np.float64)
@@ -439,7 +440,7 @@ def make_pretraining_set(folder, n, seed, imperfection=DEFAULT_IMPERFECTION, tas
     with open(os.path.join(folder, "captions.jsonl"), "w") as f:
         for i, task in enumerate(tasks):
             rng = np.random.default_rng([seed, i])  # one stream per index: any row is reproducible alone
-            prompt, meta = sample_prompt(str(task), rng, split)
+            prompt, meta = sample_prompt(str(task), rng, split, (group_weights or {}).get(str(task)))
             image, flaws = render(meta, rng, size, imperfection, return_flaws=True, layout=layout)
             file = f"images/{i:06d}.png"
             Image.fromarray(image).save(os.path.join(folder, file))
@@ -810,6 +811,13 @@ def grid(images, captions=None, cols=8, scale=4):
 # Building the toy world's files: prompt sets and the base model
 
 BASE_IMPERFECTION = {k: v / 2 for k, v in DEFAULT_IMPERFECTION.items()}  # the committed base model's data
+# A candidate third phase's data (build_focus_base): the groups where the committed base leaves RL too little
+# room or the test set has most of its prompts (three-character strings: pass@8 0.03; color_attr: 78% of the
+# composition test images), oversampled.
+FOCUS_TASK_MIX = {"composition": 0.4, "text": 0.45, "quality": 0.15}
+FOCUS_GROUPS = {"text": {1: 0.05, 2: 0.35, 3: 0.6},
+                "composition": {"single_object": 0.05, "two_object": 0.1, "counting": 0.1, "colors": 0.05,
+                                "position": 0.15, "color_attr": 0.55}}
 BASE_PIPELINE = dict(num_layers=6, heads=4, head_dim=32, dual_attention_layers=(0, 1), qk_norm="rms_norm", sample_size=16,
                      patch_size=2, codec="pixel", pixel_factor=2, clip_length=16, clip_dims=(32, 48), joint_dim=64, seed=0,
                      pixel_scaling=2.25, pixel_shift=0.7)  # shift/scaling: mean 0.70, std 0.44 of the pixels in [-1, 1]
@@ -861,8 +869,20 @@ def build_base(out="toy/base", work="runs/toy", n_images=100000):
     print("wrote", out)
 
 
+def build_focus_base(base="toy/base", work="runs/toy"):
+    """A candidate third phase, not the committed base (about 21 min on 2 cores): 1200 steps of
+    toy_pretrain_focus from `base` on 60k grid scenes with three-character strings and colour binding
+    oversampled (FOCUS_GROUPS). It reads more strings (docs/toy_results.md, "A third pre-training phase"),
+    but the teachers trained on it did no better; the pipeline is at runs/toy/pretrain_focus/latest."""
+    import subprocess
+    import sys
+    make_pretraining_set(os.path.join(work, "pretrain_data_focus"), 60000, seed=2, imperfection=BASE_IMPERFECTION,
+                         task_mix=FOCUS_TASK_MIX, layout="grid", group_weights=FOCUS_GROUPS)
+    subprocess.run([sys.executable, "cold_start.py", "--preset=toy_pretrain_focus", f"--model={base}"], check=True)
+
+
 if __name__ == "__main__":
-    # python toyworld.py samples [out.png] | prompts [folder] | base
+    # python toyworld.py samples [out.png] | prompts [folder] | base | focus_base
     import sys
     command = sys.argv[1] if len(sys.argv) > 1 else "samples"
     if command == "prompts":
@@ -870,6 +890,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if command == "base":
         build_base()
+        raise SystemExit(0)
+    if command == "focus_base":
+        build_focus_base()
         raise SystemExit(0)
     # samples: a grid of clean and imperfect samples per task, and their scores.
     rows_images, rows_captions = [], []

@@ -3,6 +3,7 @@ The room RL has: how often a toy model gets a held-out prompt right in one try, 
 
   python benchmarks/toy_room.py                                  # the base model, every task, both samplers
   python benchmarks/toy_room.py --adapter=runs/toy/teacher_text --name=teacher_text --tasks=text --report=room.md
+  python benchmarks/toy_room.py --model=runs/toy/pretrain_focus/latest/pipeline --name=focus --samplers=ode --n=8 --k=8
 
 For the base 'toy/base' (or it with --adapter: an adapter or run folder), n images per held-out prompt
 (evaluate.py's toy files: composition_test.jsonl, text_test.txt, quality_test.txt) from each sampler: `ode`,
@@ -82,6 +83,7 @@ def room(scores, ks):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", default="", help="the base pipeline folder (default: the committed toy/base)")
     parser.add_argument("--adapter", default="", help="an adapter or run folder (default: the base model)")
     parser.add_argument("--name", default="", help="the row label (default: the adapter folder's name, or base)")
     parser.add_argument("--n", type=int, default=32, help="images per prompt")
@@ -98,9 +100,10 @@ def main():
     ks = sorted(set(ks) - {1})  # pass@1 is always reported
     args.report = os.path.abspath(args.report) if args.report else ""
     args.adapter = os.path.abspath(args.adapter) if os.path.exists(args.adapter) else args.adapter  # or a hub id
+    args.model = os.path.abspath(args.model) if args.model else os.path.join(ROOT, "toy", "base")
     os.chdir(ROOT)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    pipe = M.load_pipeline("toy/base", "cpu", torch.float32, t5_length=12)
+    pipe = M.load_pipeline(args.model, "cpu", torch.float32, t5_length=12)
     pipe.transformer.eval()
     if args.adapter:
         M.load_adapter(pipe.transformer, "room", args.adapter)

@@ -334,6 +334,25 @@ def test_pretraining_set(tmp_path):
     assert all((tmp_path / "a" / r["file"]).read_bytes() == (tmp_path / "b" / r["file"]).read_bytes() for r in rows[:50])
 
 
+def test_pretraining_set_group_weights(tmp_path):
+    # The base's third phase oversamples groups: only three-character strings and color_attr here, in the
+    # task mix asked for; the other tasks keep their uniform groups.
+    weights = {"text": {3: 1.0}, "composition": {"color_attr": 1.0}}
+    mix = {"composition": 0.5, "text": 0.3, "quality": 0.2}
+    captions = tw.make_pretraining_set(tmp_path / "w", 200, seed=3, imperfection=None, task_mix=mix, group_weights=weights)
+    rows = [json.loads(line) for line in open(captions)]
+    assert {len(r["metadata"]["text"]) for r in rows if r["task"] == "text"} == {3}
+    assert {r["metadata"]["tag"] for r in rows if r["task"] == "composition"} == {"color_attr"}
+    assert len({r["prompt"] for r in rows if r["task"] == "quality"}) > 20
+    # The committed phase-3 groups are real groups of their tasks (a misspelt one would silently get no weight).
+    for task, groups in tw.FOCUS_GROUPS.items():
+        assert set(groups) == set(tw._splits()[task])
+    # Without weights the stream is the uniform one, byte for byte (the committed base's phase-2 data).
+    plain = tw.make_pretraining_set(tmp_path / "p", 50, seed=3, imperfection=None, task_mix=mix)
+    again = tw.make_pretraining_set(tmp_path / "q", 50, seed=3, imperfection=None, task_mix=mix, group_weights={})
+    assert open(plain).read() == open(again).read()
+
+
 def test_render_is_deterministic_and_seed_dependent():
     meta = tw.parse_prompt("a photo of three triangles")
     a = tw.render(meta, 3, imperfection=0.5)
