@@ -486,18 +486,24 @@ if eval_sets:  # the student next to its teachers, per task
     if dist.master:
         # per task: each model's mean, and the paired differences (same prompts and noise) with their 95% CIs
         base, teacher = reference_scores["base"], reference_scores.get("teacher", {})
-        fmt = lambda values: "{:.3f}".format(M.mean_ci(values)[0])
-        diff = lambda a, b: "{:+.3f} ± {:.3f}".format(*M.mean_ci([x - y for x, y in zip(a, b)])[:2])
-        rows = [f"| {n} ({t.get('eval_reward') or t['reward']}) | {len(student[n])} | {fmt(base[n])} | "
-                + (f"{fmt(teacher[n])} | " if n in teacher else "- | ") + f"{fmt(student[n])} | "
-                + (f"{diff(teacher[n], base[n])} | " if n in teacher else "- | ") + f"{diff(student[n], base[n])} | "
-                + (f"{diff(student[n], teacher[n])} |" if n in teacher else "- |")
-                for n, t in ((t["name"], t) for t in tasks) if n in eval_sets]
+        # and on a GenEval-style set (a tag per prompt) a second row: GenEval's overall, the mean of the per-tag means
+        rows = []
+        for t in (t for t in tasks if t["name"] in eval_sets):
+            n, tags = t["name"], [m.get("tag") for _, m in eval_sets[t["name"]][0]]
+            for by_tag in (False, True) if None not in tags else (False,):
+                stat = (lambda v: M.tag_mean_ci(v, tags)[:2]) if by_tag else (lambda v: M.mean_ci(v)[:2])
+                fmt = lambda values: "{:.3f}".format(stat(values)[0])
+                diff = lambda a, b: "{:+.3f} ± {:.3f}".format(*stat([x - y for x, y in zip(a, b)]))
+                rows.append(f"| {n} ({t.get('eval_reward') or t['reward']}{', GenEval overall' if by_tag else ''}) | "
+                            f"{len(student[n])} | {fmt(base[n])} | " + (f"{fmt(teacher[n])} | " if n in teacher else "- | ")
+                            + f"{fmt(student[n])} | " + (f"{diff(teacher[n], base[n])} | " if n in teacher else "- | ")
+                            + f"{diff(student[n], base[n])} | " + (f"{diff(student[n], teacher[n])} |" if n in teacher else "- |"))
         table = "\n".join(["| task (held-out prompts, eval reward) | n images | base | its teacher | student | teacher - base | "
                            "student - base | student - teacher |", "|---|---|---|---|---|---|---|---|", *rows])
         print(table)
         print(f"mean eval reward of {eval_steps}-step ODE samples; differences paired (same prompt and starting noise), "
-              "± the 95% CI half-width 1.96 s / sqrt(n)")
+              "± the 95% CI half-width 1.96 s / sqrt(n); GenEval overall: the unweighted mean of the per-tag means, "
+              "var = Σ_t var_t / T²")
         means = lambda scores: {n: M.mean_ci(v)[0] for n, v in scores.items()}
         M._atomic(lambda p: json.dump({"base": means(base), "teacher": means(teacher) if teacher else None,
                                        "student": means(student), "per_image": {"base": base, "teacher": teacher or None,

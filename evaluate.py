@@ -23,7 +23,6 @@ nodes, out_dir must be on a filesystem every rank sees (ranks write images that 
 """
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -284,16 +283,10 @@ def aggregate_column(rows, column, kind):
         return {"value": mean, "ci95": ci, "n": len(values)}
     # GenEval (docs/reward_spec.md 1.7): per-tag accuracy over that tag's images, overall = unweighted mean of the T
     # tags, so var(overall) = sum_t var(mean_t) / T^2 (tags are independent samples)
-    overall = rewards.geneval_aggregate([{"tag": r["tag"], "correct": v} for r, v in zip(rows, values)])
-    tags = [t for t in rewards.GENEVAL_TAGS if t in overall] + sorted(t for t in overall if t not in rewards.GENEVAL_TAGS + ["overall"])
-    per_tag, variances = {}, []
-    for t in tags:
-        tag_values = [v for r, v in zip(rows, values) if r["tag"] == t]
-        tag_mean, tag_ci, tag_var = M.mean_ci(tag_values)
-        per_tag[t] = {"value": tag_mean, "ci95": tag_ci, "n": len(tag_values)}
-        variances.append(tag_var)
-    return {"value": overall["overall"], "ci95": 1.96 * math.sqrt(sum(variances)) / len(tags), "n": len(values),
-            "image_mean": mean, "per_tag": per_tag}
+    overall, ci, by_tag = M.tag_mean_ci(values, [r["tag"] for r in rows])
+    tags = [t for t in rewards.GENEVAL_TAGS if t in by_tag] + sorted(t for t in by_tag if t not in rewards.GENEVAL_TAGS)
+    per_tag = {t: {"value": by_tag[t][0], "ci95": by_tag[t][1], "n": sum(r["tag"] == t for r in rows)} for t in tags}
+    return {"value": overall, "ci95": ci, "n": len(values), "image_mean": mean, "per_tag": per_tag}
 
 
 # -- sampling and scoring: fixed global batches, whole batches per rank -----------------------------------

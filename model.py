@@ -1677,6 +1677,18 @@ def mean_ci(values):
     return mean, 1.96 * math.sqrt(var / n), var / n
 
 
+def tag_mean_ci(values, tags):
+    """GenEval's overall number (docs/reward_spec.md 1.7) with its 95% CI: the per-tag means of `values`, then
+    their unweighted mean over the T tags, var = sum_t var(mean_t) / T^2 (tags are independent samples). For a
+    paired comparison pass the per-image differences. Returns (overall, ci95 half-width, {tag: mean_ci of the tag})."""
+    by_tag = {}
+    for v, t in zip(values, tags, strict=True):
+        by_tag.setdefault(t, []).append(v)
+    per_tag = {t: mean_ci(v) for t, v in by_tag.items()}
+    overall = sum(m for m, _, _ in per_tag.values()) / len(per_tag)
+    return overall, 1.96 * math.sqrt(sum(var for _, _, var in per_tag.values())) / len(per_tag), per_tag
+
+
 def group_init_seeds(seed, iteration, index, group_size):
     """The starting-noise seeds of --shared_init_noise: global sample i belongs to group i // group_size, and
     every sample of a group gets that group's seed (disjoint from the per-sample seeds sample_seed(seed, iteration, i))."""

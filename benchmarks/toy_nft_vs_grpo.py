@@ -92,8 +92,8 @@ def main():
         cells = []
         for task, (_, benchmark, metrics) in TASKS.items():
             for metric in metrics:
-                _, _, d, ci, n = paired(load(f"{args.out}/eval/base", benchmark, metric), load(f"{args.out}/eval/{name}", benchmark, metric))
-                cells.append(f"{d:+.3f} ± {ci:.3f} (n={n})")
+                r = paired(load(f"{args.out}/eval/base", benchmark, metric), load(f"{args.out}/eval/{name}", benchmark, metric))
+                cells.append(f"{r['diff']:+.3f} ± {r['ci']:.3f} (n={r['n']})")
         trained = os.path.isfile(os.path.join(path, "log.jsonl"))
         s = seconds.get(name)
         lines.append(f"| {name} | {name.split('_', 1)[1]} | {curve(path) if trained else 'shipped'} | "

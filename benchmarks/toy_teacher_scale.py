@@ -69,9 +69,9 @@ def main():
                           f"--models={ {'base': '', name: f'{args.out}/{name}'}!r}", f"--out_dir={args.out}/eval"])
             cells = []
             for metric in (strict, dense):
-                _, _, d, ci, n = paired(load(f"{args.out}/eval/base", benchmark, metric),
-                                        load(f"{args.out}/eval/{name}", benchmark, metric))
-                cells.append(f"{d:+.3f} ± {ci:.3f} ({metric})")
+                r = paired(load(f"{args.out}/eval/base", benchmark, metric), load(f"{args.out}/eval/{name}", benchmark, metric))
+                cells.append(f"{r['diff']:+.3f} ± {r['ci']:.3f} ({metric})")
+                n = r["n"]
             with open(report, "a") as f:
                 f.write(f"| {task} | {groups} | {args.iterations} | {train_s:.0f} | {eval_s:.0f} | {cells[0]} | {cells[1]} | {n} |\n")
             print(open(report).read(), flush=True)

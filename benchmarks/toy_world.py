@@ -136,12 +136,16 @@ def paired_report(models=None, eval_dir=None, path=None):
     for task, (benchmark, metrics) in METRICS.items():
         for metric in metrics:
             scores = {m: load(folder(m), benchmark, metric) for m in models}
-            best = max(teachers, key=lambda m: sum(scores[m].values()) / len(scores[m]))
-            for m in models:
-                mean, _, d_base, ci_base, n = paired(scores["base"], scores[m])
-                vs_best = "" if m == best else "{:+.3f} ± {:.3f}".format(*paired(scores[best], scores[m])[2:4])
-                d = "" if m == "base" else f"{d_base:+.3f} ± {ci_base:.3f}"
-                lines.append(f"| {m} | {metric} | {n} | {mean:.3f} | {d} | {best} | {vs_best} |")
+            # per image, and on a tagged benchmark also GenEval's overall (the mean of the per-tag means)
+            for kind, (mean_key, diff_key, ci_key) in (("", ("mean", "diff", "ci")), (" (GenEval overall)", ("tag_mean", "tag_diff", "tag_ci"))):
+                if mean_key not in paired(scores["base"], scores["base"]):
+                    continue
+                best = max(teachers, key=lambda m: paired(scores["base"], scores[m])[mean_key])
+                for m in models:
+                    r = paired(scores["base"], scores[m])
+                    vs_best = "" if m == best else "{:+.3f} ± {:.3f}".format(*(paired(scores[best], scores[m])[k] for k in (diff_key, ci_key)))
+                    d = "" if m == "base" else f"{r[diff_key]:+.3f} ± {r[ci_key]:.3f}"
+                    lines.append(f"| {m} | {metric}{kind} | {r['n']} | {r[mean_key]:.3f} | {d} | {best} | {vs_best} |")
     open(path, "w").write("\n".join(lines) + "\n")
     return "\n".join(lines)
 

@@ -30,12 +30,38 @@ def test_paired_differences(tmp_path):
     ci = 1.96 * diff.std(ddof=1) / math.sqrt(40)
     assert f"| student | {other.mean():.3f} | {base.mean():.3f} | {diff.mean():+.3f} ± {ci:.3f} | 40 |" in out.stdout
     load = lambda name: eval_paired.load(str(tmp_path / name), "bench", "m")
-    m, b, d, c, n = eval_paired.paired(load("base"), load("student"))
-    assert (m, b, d, c, n) == pytest.approx((other.mean(), base.mean(), diff.mean(), ci, 40), abs=1e-12)
+    r = eval_paired.paired(load("base"), load("student"))
+    assert (r["mean"], r["base"], r["diff"], r["ci"], r["n"]) == pytest.approx((other.mean(), base.mean(), diff.mean(), ci, 40), abs=1e-12)
+    assert "tag_diff" not in r and "GenEval" not in out.stdout  # untagged rows: no GenEval overall
     out = subprocess.run([sys.executable, "benchmarks/eval_paired.py", f"--base={tmp_path / 'base'}", "--benchmark=nope",
                           "--metric=m", str(tmp_path / "student")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stderr.strip().startswith("error: no ") and len(out.stderr.strip().splitlines()) == 1
 
+
+
+def test_paired_geneval_overall(tmp_path):
+    """eval_paired on tagged rows: GenEval's overall (the mean of the per-tag means) of each model and of the
+    paired differences, var = sum_t var_t / T^2, against numpy in float64; --per_tag prints each tag's."""
+    rng = np.random.default_rng(1)
+    tags = ["counting"] * 6 + ["color_attr"] * 30
+    base, other = (rng.random(36) < 0.3).astype(float), (rng.random(36) < 0.5).astype(float)
+    for name, values in (("base", base), ("teacher", other)):
+        os.makedirs(tmp_path / name / "bench")
+        rows = [{"prompt_index": i, "image_index": 0, "seed": i, "tag": t, "m": float(v)} for i, (v, t) in enumerate(zip(values, tags))]
+        (tmp_path / name / "bench" / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "benchmarks/eval_paired.py", f"--base={tmp_path / 'base'}", "--benchmark=bench",
+                          "--metric=m", "--per_tag", str(tmp_path / "teacher")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    d = other - base
+    parts = [d[:6], d[6:]]
+    overall = (parts[0].mean() + parts[1].mean()) / 2
+    ci = 1.96 * math.sqrt(sum(p.var(ddof=1) / len(p) for p in parts)) / 2
+    tag_mean = lambda v: (v[:6].mean() + v[6:].mean()) / 2
+    assert f"| {tag_mean(other):.3f} | {tag_mean(base):.3f} | {overall:+.3f} ± {ci:.3f} |" in out.stdout
+    assert f"{parts[0].mean():+.3f} ± {1.96 * parts[0].std(ddof=1) / math.sqrt(6):.3f}" in out.stdout
+    assert abs(overall - d.mean()) > 1e-3  # the two numbers differ: the check above is not the image mean
+    r = eval_paired.paired(eval_paired.load(str(tmp_path / "base"), "bench", "m"), eval_paired.load(str(tmp_path / "teacher"), "bench", "m"))
+    assert (r["tag_diff"], r["tag_ci"]) == pytest.approx((overall, ci), abs=1e-12)
 
 def test_pass_at_k():
     """toy_room.pass_at_k, 1 - C(n - c, k) / C(n, k): for n = 6, every c and k, the share of all k-subsets of the n
@@ -69,9 +95,11 @@ def test_pass_at_k():
 def test_toy_world_paired_report(tmp_path, monkeypatch):
     """benchmarks/toy_world.paired_report, the table docs/toy_results.md quotes: per metric, the best single teacher
     is the one with the highest mean, and every model's row holds its mean and the per-image paired differences
-    to the base and to that teacher (numpy, float64)."""
+    to the base and to that teacher (numpy, float64); on the tagged (composition) benchmark also GenEval's overall,
+    the mean of the per-tag means, its best teacher picked on it."""
     import toy_world
     rng = np.random.default_rng(1)
+    tag = lambda task, i: ("counting" if i < 4 else "color_attr") if task == "composition" else None
     models = ["base", "teacher_composition", "teacher_text", "teacher_quality", "student"]
     values = {}
     for task, (benchmark, metrics) in toy_world.METRICS.items():
@@ -79,14 +107,15 @@ def test_toy_world_paired_report(tmp_path, monkeypatch):
             offset = 0.3 if m == f"teacher_{task}" else 0.0  # each task's own teacher is its best
             values[task, m] = {metric: rng.random(12) + offset + 0.01 * k for k, metric in enumerate(metrics)}
             os.makedirs(tmp_path / "eval" / m / benchmark)
-            rows = [{"prompt_index": i, "image_index": 0, "seed": i, **{metric: float(values[task, m][metric][i])
-                                                                         for metric in metrics}} for i in range(12)]
+            rows = [{"prompt_index": i, "image_index": 0, "seed": i, **({"tag": tag(task, i)} if tag(task, i) else {}),
+                     **{metric: float(values[task, m][metric][i]) for metric in metrics}} for i in range(12)]
             (tmp_path / "eval" / m / benchmark / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(toy_world, "OUT", str(tmp_path))
     monkeypatch.setattr(toy_world, "MODELS", {m: "" for m in models})
     table = toy_world.paired_report().splitlines()
     assert open(tmp_path / "paired.md").read().splitlines() == table
-    assert len(table) == 2 + sum(len(metrics) for _, metrics in toy_world.METRICS.values()) * len(models)
+    composition_metrics = len(toy_world.METRICS["composition"][1])
+    assert len(table) == 2 + (sum(len(metrics) for _, metrics in toy_world.METRICS.values()) + composition_metrics) * len(models)
     ci = lambda d: 1.96 * d.std(ddof=1) / math.sqrt(len(d))
     for task, (_, metrics) in toy_world.METRICS.items():
         best = f"teacher_{task}"
@@ -97,6 +126,12 @@ def test_toy_world_paired_report(tmp_path, monkeypatch):
             assert row in table
             assert f"| {best} | {metric} | 12 | {t.mean():.3f} | {(t - b).mean():+.3f} ± {ci(t - b):.3f} | {best} |  |" in table
             assert f"| base | {metric} | 12 | {b.mean():.3f} |  | {best} |" in "\n".join(table)
+    tag_mean = lambda v: (v[:4].mean() + v[4:].mean()) / 2
+    tag_ci = lambda d: 1.96 * math.sqrt(d[:4].var(ddof=1) / 4 + d[4:].var(ddof=1) / 8) / 2
+    metric = toy_world.METRICS["composition"][1][0]
+    s, b, t = (values["composition", m][metric] for m in ("student", "base", "teacher_composition"))
+    assert (f"| student | {metric} (GenEval overall) | 12 | {tag_mean(s):.3f} | {tag_mean(s - b):+.3f} ± {tag_ci(s - b):.3f} | "
+            f"teacher_composition | {tag_mean(s - t):+.3f} ± {tag_ci(s - t):.3f} |") in table
 
 
 def test_toy_world_training_report(tmp_path, monkeypatch):

@@ -575,6 +575,28 @@ def test_mean_ci_against_statistics():
     assert shifted[0] == pytest.approx(mean + 3) and shifted[1] == pytest.approx(ci, rel=1e-9)
 
 
+def test_tag_mean_ci_is_genevals_overall_with_its_variance():
+    """model.tag_mean_ci: the unweighted mean of per-tag means (not the image mean when tags differ in size) and
+    1.96 sqrt(sum_t s_t^2 / n_t) / T, against statistics in float64; and rewards.geneval_aggregate's overall."""
+    import statistics
+    import rewards
+    g = torch.Generator().manual_seed(1)
+    sizes = {"single_object": 4, "counting": 12, "color_attr": 252}
+    tags = [t for t, n in sizes.items() for _ in range(n)]
+    values = (torch.rand(len(tags), generator=g, dtype=torch.float64) < 0.4).double().tolist()
+    overall, ci, per_tag = M.tag_mean_ci(values, tags)
+    groups = {t: [v for v, u in zip(values, tags) if u == t] for t in sizes}
+    assert overall == pytest.approx(statistics.fmean(statistics.fmean(v) for v in groups.values()), abs=1e-15)
+    assert overall == pytest.approx(rewards.geneval_aggregate([{"tag": t, "correct": v} for v, t in zip(values, tags)])["overall"])
+    assert overall != pytest.approx(statistics.fmean(values))  # the image mean weights color_attr 252 / 268
+    assert ci == pytest.approx(1.96 * sum(statistics.variance(v) / len(v) for v in groups.values()) ** 0.5 / 3, rel=1e-12)
+    assert per_tag["counting"] == M.mean_ci(groups["counting"])
+    one = M.tag_mean_ci(values[:4], tags[:4])  # one tag: the plain mean and its CI
+    assert one[:2] == pytest.approx(M.mean_ci(values[:4])[:2])
+    with pytest.raises(ValueError):
+        M.tag_mean_ci(values, tags[:-1])
+
+
 def test_optimizer_update_clips_steps_and_skips_non_finite():
     """model.optimizer_update: a finite gradient is clipped to max_norm (the returned norm is the unclipped one),
     stepped with, and the EMA follows; a non-finite one leaves the weights and the EMA as they were. The gradients

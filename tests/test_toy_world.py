@@ -71,6 +71,10 @@ def test_distill_stage(tmp_path, objective):
     assert len(student) == len(base) == 8 and summary["student"]["text"] == pytest.approx(sum(student) / 8)
     mean, ci, _ = M.mean_ci([s - b for s, b in zip(student, base)])  # the printed paired difference
     assert f"{mean:+.3f} ± {ci:.3f} |" in next(line for line in out.splitlines() if line.startswith("| text ("))
+    tags = [m["tag"] for m in rewards.load_prompts(os.path.join(REPO, "toy", "prompts", "composition_test.jsonl"))[1][:8]]  # GenEval's overall row
+    student, base = summary["per_image"]["student"]["composition"], summary["per_image"]["base"]["composition"]
+    row = next(line for line in out.splitlines() if line.startswith("| composition (toy_composition_strict, GenEval overall) | 8 |"))
+    assert "{:+.3f} ± {:.3f} |".format(*M.tag_mean_ci([s - b for s, b in zip(student, base)], tags)[:2]) in row
     if objective == "pg":  # each teacher on its own task only
         assert set(summary["teacher"]) == set(TASKS) and len(summary["per_image"]["teacher"]["quality"]) == 8
 
