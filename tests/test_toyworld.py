@@ -353,6 +353,38 @@ def test_pretraining_set_group_weights(tmp_path):
     assert open(plain).read() == open(again).read()
 
 
+
+def test_order_aware_t5_attends_to_the_neighbours(tmp_path):
+    """toyworld.order_aware_t5: in the rewritten T5 head 0 attends to the previous token and head 1 to the next
+    one (at a large strength, exactly: the attention weights are one-hot there), the rest of the encoder is
+    unchanged, and a swap of two words then changes the set of token vectors the MMDiT sees."""
+    import torch
+    from transformers import T5EncoderModel
+    import model as M
+    folder = M.build_tiny_pipeline(str(tmp_path / "p"), words=tw.VOCAB_WORDS, joint_dim=64)
+    before = T5EncoderModel.from_pretrained(str(tmp_path / "p" / "text_encoder_3"))
+    tw.order_aware_t5(folder, strength=1e4)
+    after = T5EncoderModel.from_pretrained(str(tmp_path / "p" / "text_encoder_3")).eval()
+    changed = [n for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()) if not torch.equal(a, b)]
+    assert changed == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    ids = torch.arange(2, 12)[None]
+    attention = after(ids, output_attentions=True).attentions  # per layer (1, heads, query, key); the bias is shared
+    for layer in attention:
+        assert torch.allclose(layer[0, 0, 1:].diagonal(offset=0, dim1=0, dim2=1), torch.ones(9), atol=1e-6)  # query i -> key i - 1
+        assert torch.allclose(layer[0, 1, :-1].diagonal(offset=1, dim1=0, dim2=1), torch.ones(9), atol=1e-6)  # query i -> key i + 1
+    def distances():  # set distance of the T5 tokens to a swapped binding, and to a changed word
+        pipe = M.load_pipeline(folder, "cpu", torch.float32, t5_length=12)
+        t5_part = lambda p: pipe.text.encode([p])[0][0, -12:]
+        a, swapped, other = (t5_part(f"a photo of a {c1} circle and a {c2} square") for c1, c2 in (("red", "blue"), ("blue", "red"), ("green", "blue")))
+        set_distance = lambda x, y: torch.cdist(x, y).min(1).values.sum().item()  # greedy matching shows the gap
+        return set_distance(a, swapped), set_distance(a, other)
+    tw.order_aware_t5(folder, strength=0.0)  # every bucket 0: the random T5's near-uniform attention, a bag of words
+    swap, word = distances()
+    assert swap < 0.2 * word
+    tw.order_aware_t5(folder)  # the default strength: a swap moves the token set as much as a changed word
+    swap, word = distances()
+    assert swap > 0.5 * word
+
 def test_render_is_deterministic_and_seed_dependent():
     meta = tw.parse_prompt("a photo of three triangles")
     a = tw.render(meta, 3, imperfection=0.5)
