@@ -53,6 +53,8 @@ def main():
     print(f"| {args.tag} images of {args.folder} | n | share |\n|---|---|---|")
     for name, n in counts.most_common():
         print(f"| {name} | {n} | {n / len(rows):.2f} |")
+    sizes = Counter(len(o) for o in objects)
+    print("\nobjects detected per image: " + ", ".join(f"{k}: {sizes[k] / len(rows):.2f}" for k in sorted(sizes)))
 
 
 if __name__ == "__main__":
