@@ -104,7 +104,7 @@ PRESETS = {
                           "images": "runs/toy/pretrain_data_grid", "data_dir": "runs/toy/pretrain_latents_grid",
                           "out_dir": "runs/toy/pretrain_grid", "steps": 2400, "lr": 3e-4, "warmup": 50, "logit_mean": 1.0,
                           "ema_decay": 0.995, "save_every": 600, "grid_every": 600},
-    # a candidate third phase (toyworld.py focus_base): three-character strings and colour binding oversampled
+    # the third phase (toyworld.py build_third_phase, on the order-aware T5): three-character strings and colour binding oversampled
     "toy_pretrain_focus": {**_TOY_PRETRAIN, "model": "toy/base", "init": "base",
                            "images": "runs/toy/pretrain_data_focus", "data_dir": "runs/toy/pretrain_latents_focus",
                            "out_dir": "runs/toy/pretrain_focus", "steps": 1200, "lr": 2e-4, "warmup": 50,

@@ -811,7 +811,7 @@ def grid(images, captions=None, cols=8, scale=4):
 # Building the toy world's files: prompt sets and the base model
 
 BASE_IMPERFECTION = {k: v / 2 for k, v in DEFAULT_IMPERFECTION.items()}  # the committed base model's data
-# A candidate third phase's data (build_focus_base): the groups where the committed base leaves RL too little
+# The third pre-training phase's data (build_third_phase): the groups where the two-phase base leaves RL too little
 # room or the test set has most of its prompts (three-character strings: pass@8 0.03; color_attr: 78% of the
 # composition test images), oversampled.
 FOCUS_TASK_MIX = {"composition": 0.4, "text": 0.45, "quality": 0.15}
@@ -848,11 +848,13 @@ def write_prompt_files(folder="toy/prompts"):
 
 
 def build_base(out="toy/base", work="runs/toy", n_images=100000):
-    """The toy base model, from scratch, in two phases of cold_start.py pre-training (about 1 h 55 min on
+    """The toy base model, from scratch, in three phases of cold_start.py pre-training (about 2 h 15 min on
     2 cores). Phase 1 (preset toy_pretrain, 12000 steps): scenes anywhere on the canvas, SD3's timestep
     density. Phase 2 (toy_pretrain_grid, 2400 steps from phase 1's weights): the toy world's own grid
     layout, more steps at high noise. Phase 1 alone denoises well but does not start a scene from pure
-    noise (its text is never legible); docs/toy_results.md, "the base model", has the measurements."""
+    noise (its text is never legible). Phase 3 (build_third_phase, order-aware): the T5 made order-aware,
+    1200 steps of toy_pretrain_focus. docs/toy_results.md, "The base model" and "What limits the teachers",
+    has the measurements."""
     import shutil
     import subprocess
     import sys
@@ -863,10 +865,8 @@ def build_base(out="toy/base", work="runs/toy", n_images=100000):
     make_pretraining_set(os.path.join(work, "pretrain_data_grid"), n_images, seed=1, imperfection=BASE_IMPERFECTION, layout="grid")
     phase1 = os.path.join(model.latest_checkpoint(os.path.join(work, "pretrain")), "pipeline")
     subprocess.run([sys.executable, "cold_start.py", "--preset=toy_pretrain_grid", f"--model={phase1}"], check=True)
-    final = model.latest_checkpoint(os.path.join(work, "pretrain_grid"))
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(os.path.join(final, "pipeline"), out)
-    print("wrote", out)
+    phase2 = os.path.join(model.latest_checkpoint(os.path.join(work, "pretrain_grid")), "pipeline")
+    build_third_phase(phase2, out, work, order_aware=True)
 
 
 def order_aware_t5(folder, strength=8.0):
@@ -893,32 +893,39 @@ def order_aware_t5(folder, strength=8.0):
     return path
 
 
-def build_focus_base(base="toy/base", work="runs/toy", order_aware=False):
-    """A candidate third phase, not the committed base (about 21 min on 2 cores): 1200 steps of
-    toy_pretrain_focus from `base` on 60k grid scenes with three-character strings and colour binding
-    oversampled (FOCUS_GROUPS). It reads more strings (docs/toy_results.md, "A third pre-training phase"),
-    but the teachers trained on it did no better; the pipeline is at runs/toy/pretrain_focus/latest.
-    order_aware=True: the same phase from a copy of `base` whose T5 is first rewritten by order_aware_t5
-    (work/base_t5, then work/pretrain_t5/latest): text accuracy 0.32 -> 0.67 ("What limits the teachers")."""
+def build_third_phase(base, out, work="runs/toy", order_aware=True):
+    """The third pre-training phase (about 17 min on 2 cores) from the two-phase base `base` (the toy/base of
+    commit 6e5cc7d), copied to `out`: 1200 steps of toy_pretrain_focus on 60k grid scenes with three-character
+    strings and colour binding oversampled (FOCUS_GROUPS). order_aware=True (the committed base): first the
+    T5 of a copy of `base` (work/base_t5) is rewritten by order_aware_t5, text accuracy 0.32 -> 0.67;
+    False: the same phase on the bag-of-words T5, which reads more strings but on which the teachers did no
+    better (docs/toy_results.md, "A third pre-training phase" and "What limits the teachers")."""
     import shutil
     import subprocess
     import sys
+    import model
     make_pretraining_set(os.path.join(work, "pretrain_data_focus"), 60000, seed=2, imperfection=BASE_IMPERFECTION,
                          task_mix=FOCUS_TASK_MIX, layout="grid", group_weights=FOCUS_GROUPS)
-    args = []
+    run_dir = os.path.join(work, "pretrain_t5" if order_aware else "pretrain_focus")
     if order_aware:
         start = os.path.join(work, "base_t5")
         shutil.rmtree(start, ignore_errors=True)
         shutil.copytree(base, start)
         order_aware_t5(start)
-        base, args = start, [f"--out_dir={os.path.join(work, 'pretrain_t5')}"]
+        base = start
     subprocess.run([sys.executable, "cold_start.py", "--preset=toy_pretrain_focus", f"--model={base}",
                     f"--images={os.path.join(work, 'pretrain_data_focus')}", f"--data_dir={os.path.join(work, 'pretrain_latents_focus')}",
-                    *args], check=True)
+                    f"--out_dir={run_dir}"], check=True)
+    final = os.path.join(model.latest_checkpoint(run_dir), "pipeline")
+    shutil.rmtree(out + ".new", ignore_errors=True)
+    shutil.copytree(final, out + ".new")
+    shutil.rmtree(out, ignore_errors=True)  # the old base goes only once its replacement is complete
+    os.rename(out + ".new", out)
+    print("wrote", out)
 
 
 if __name__ == "__main__":
-    # python toyworld.py samples [out.png] | prompts [folder] | base | focus_base | order_aware_base
+    # python toyworld.py samples [out.png] | prompts [folder] | base | third_phase PHASE2_BASE [OUT] [--bag_of_words]
     import sys
     command = sys.argv[1] if len(sys.argv) > 1 else "samples"
     if command == "prompts":
@@ -927,8 +934,14 @@ if __name__ == "__main__":
     if command == "base":
         build_base()
         raise SystemExit(0)
-    if command in ("focus_base", "order_aware_base"):
-        build_focus_base(order_aware=command == "order_aware_base")
+    if command == "third_phase":  # the committed base from the two-phase one: see build_third_phase
+        positional = [a for a in sys.argv[2:] if not a.startswith("--")]
+        if not positional or not os.path.isfile(os.path.join(positional[0], "model_index.json")):
+            raise SystemExit("error: python toyworld.py third_phase PHASE2_BASE [OUT]: PHASE2_BASE must be a pipeline folder, "
+                             "e.g. the two-phase base of commit 6e5cc7d: mkdir -p runs/toy/phase2 && "
+                             "git archive 6e5cc7d toy/base | tar -x -C runs/toy/phase2 --strip-components=2")
+        build_third_phase(positional[0], positional[1] if len(positional) > 1 else "toy/base",
+                          order_aware="--bag_of_words" not in sys.argv)
         raise SystemExit(0)
     # samples: a grid of clean and imperfect samples per task, and their scores.
     rows_images, rows_captions = [], []
