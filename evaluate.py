@@ -87,7 +87,7 @@ TOY_BENCHMARKS = {
     # strict 0/1 metrics first (the headline, as GenEval and OCR are), the dense training rewards beside them
     "toy_composition": dict(prompts="toy/prompts/composition_test.jsonl", rewards=["toy_composition_strict", "toy_composition"],
                             images_per_prompt=4, aggregate="geneval"),
-    "toy_text": dict(prompts="toy/prompts/text_test.txt", rewards=["toy_text_accuracy", "toy_text_strict"],
+    "toy_text": dict(prompts="toy/prompts/text_test.txt", rewards=["toy_text_accuracy", "toy_text_strict", "toy_text"],
                      images_per_prompt=1, aggregate="mean"),
     "toy_quality": dict(prompts="toy/prompts/quality_test.txt", rewards=["toy_quality_strict", "toy_quality"],
                         images_per_prompt=2, aggregate="mean"),

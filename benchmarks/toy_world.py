@@ -3,6 +3,7 @@ The toy world's whole pipeline after the base model, measured: the numbers in do
 
   python benchmarks/toy_world.py                 # the pipeline on the shipped teachers (under an hour on 2 CPU cores), resumable
   python benchmarks/toy_world.py --ship          # ... first retrain the teachers that fit an hour, ship them to toy/teachers/
+  python benchmarks/toy_world.py --ship --only=teachers   # only that: retrain and ship the teachers, then stop
   python benchmarks/toy_world.py --only=eval     # re-evaluate what exists
   python benchmarks/toy_world.py --only=report   # the paired differences (to the base, to the best teacher) and the
                                                  # training logs' summary (OUT/training.md) again
@@ -42,10 +43,10 @@ TASKS = {"composition": "toy/prompts/composition_train_testmix.jsonl", "text": "
 # the shipped teachers: folder, train_teacher.py flags, minutes measured alone on the 2 cores (docs/toy_results.md)
 TEACHERS = {
     "composition": ("toy/teachers/composition", ["--preset=toy_nft", f"--prompts={TASKS['composition']}",
-                                                     "--reward=toy_composition", "--iterations=100"], 24.0),
+                                                     "--reward=toy_composition", "--iterations=100"], 16.7),
     "text": ("toy/teachers/text", ["--preset=toy_nft", f"--prompts={TASKS['text']}", "--reward=toy_text",
-                                       "--iterations=150"], 38.0),
-    "quality": ("toy/teachers/quality", ["--preset=toy_nft", f"--prompts={TASKS['quality']}", "--reward=toy_quality"], 6.0),
+                                       "--iterations=120"], 28.3),
+    "quality": ("toy/teachers/quality", ["--preset=toy_nft", f"--prompts={TASKS['quality']}", "--reward=toy_quality"], 6.4),
 }
 TEACHER = {t: folder for t, (folder, _, _) in TEACHERS.items()}
 teacher_tasks = [{"name": t, "prompts": p, "teacher": TEACHER[t], "weight": w, "reward": f"toy_{t}"}
@@ -119,7 +120,7 @@ def retrain_teachers(seconds):
 
 
 METRICS = {"composition": ("toy_composition", ["toy_composition_strict", "toy_composition"]),
-           "text": ("toy_text", ["toy_text_accuracy", "toy_text_strict"]),
+           "text": ("toy_text", ["toy_text_accuracy", "toy_text_strict", "toy_text"]),
            "quality": ("toy_quality", ["toy_quality_strict", "toy_quality"])}
 
 
@@ -217,6 +218,12 @@ if __name__ == "__main__":
     seconds = json.load(open(f"{OUT}/seconds.json")) if os.path.isfile(f"{OUT}/seconds.json") else {}
     if ship:
         retrain_teachers(seconds)
+        os.makedirs(OUT, exist_ok=True)
+        json.dump(seconds, open(f"{OUT}/seconds.json", "w"), indent=2)
+        if only == "teachers":
+            raise SystemExit(0)
+    elif only == "teachers":
+        raise SystemExit("error: --only=teachers retrains the teachers: add --ship")
     else:
         print("[disk] teachers:", ", ".join(f"{t} {folder}" for t, folder in TEACHER.items()))
     if only != "eval":
