@@ -45,7 +45,7 @@ TEACHERS = {
     "composition": ("toy/teachers/composition", ["--preset=toy_nft", f"--prompts={TASKS['composition']}",
                                                      "--reward=toy_composition", "--iterations=100"], 16.7),
     "text": ("toy/teachers/text", ["--preset=toy_nft", f"--prompts={TASKS['text']}", "--reward=toy_text",
-                                       "--iterations=120"], 28.3),
+                                       "--iterations=120"], 20.0),
     "quality": ("toy/teachers/quality", ["--preset=toy_nft", f"--prompts={TASKS['quality']}", "--reward=toy_quality"], 6.4),
 }
 TEACHER = {t: folder for t, (folder, _, _) in TEACHERS.items()}
